@@ -1,0 +1,215 @@
+"""Settings resolved once from options, environment variables and defaults.
+
+Credentials come only from the database URL, libpq ``PG*`` variables or a
+passfile. ``ConnInfo`` never shows its password in ``repr`` or ``str``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from rollback_cli.errors import ConfigError, UsageError
+
+DEFAULT_ENVIRONMENT = "staging"
+PROTECTED_ENV_VAR = "DB_ROLLBACK_PROTECTED_ENVIRONMENTS"
+_URL_SCHEMES = ("postgresql", "postgres")
+_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """Where and how to connect. ``password`` is kept out of ``repr``."""
+
+    dbname: str
+    host: str | None = None
+    port: int | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sslmode: str | None = None
+    passfile: str | None = None
+    driver: str | None = None
+    options: tuple[tuple[str, str], ...] = ()
+
+    def with_dbname(self, dbname: str) -> ConnInfo:
+        return replace(self, dbname=dbname)
+
+    @property
+    def display_host(self) -> str:
+        return self.host or "local socket"
+
+    def redacted_url(self) -> str:
+        """The URL with the password replaced, safe to log."""
+        return self.to_url(include_password=False)
+
+    def to_url(self, *, include_password: bool = True, driver: str | None = None) -> str:
+        scheme = "postgresql" + (f"+{driver}" if driver else "")
+        auth = ""
+        if self.user:
+            auth = quote(self.user, safe="")
+            if self.password:
+                auth += ":" + (quote(self.password, safe="") if include_password else "***")
+            auth += "@"
+        host = self.host or ""
+        query = [(k, v) for k, v in self.options]
+        if host.startswith("/"):
+            query.append(("host", host))
+            host = ""
+        netloc = auth + host + (f":{self.port}" if self.port and host else "")
+        if self.port and not host:
+            query.append(("port", str(self.port)))
+        if self.sslmode:
+            query.append(("sslmode", self.sslmode))
+        url = f"{scheme}://{netloc}/{quote(self.dbname, safe='')}"
+        if query:
+            url += "?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in query)
+        return url
+
+    def psycopg_kwargs(self, dbname: str | None = None) -> dict[str, object]:
+        kwargs: dict[str, object] = {"dbname": dbname or self.dbname}
+        for key in ("host", "port", "user", "password", "sslmode", "passfile"):
+            value = getattr(self, key)
+            if value is not None:
+                kwargs[key] = value
+        kwargs.update(dict(self.options))
+        return kwargs
+
+
+def parse_database_url(url: str) -> ConnInfo:
+    """Parse a ``postgresql://`` URL; errors never repeat the URL (it may hold a password)."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme, _, driver = parts.scheme.partition("+")
+        if scheme not in _URL_SCHEMES:
+            raise ConfigError(
+                "database URL must start with postgresql:// (got scheme "
+                f"{parts.scheme or 'none'!r})"
+            )
+        port = parts.port
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    except ValueError as exc:
+        # urllib's messages can echo the netloc; keep only the kind of problem.
+        reason = "invalid port" if "port" in str(exc).lower() else "malformed URL"
+        raise ConfigError(f"database URL is not valid: {reason}") from None
+    dbname = unquote(parts.path.lstrip("/")) or query.pop("dbname", "")
+    if not dbname:
+        raise ConfigError("database URL names no database (expected postgresql://host/DBNAME)")
+    host = unquote(parts.hostname) if parts.hostname else query.pop("host", None)
+    if "port" in query and port is None:
+        try:
+            port = int(query.pop("port"))
+        except ValueError:
+            raise ConfigError("database URL is not valid: invalid port") from None
+    return ConnInfo(
+        dbname=dbname,
+        host=host,
+        port=port,
+        user=unquote(parts.username) if parts.username else query.pop("user", None),
+        password=unquote(parts.password) if parts.password else query.pop("password", None),
+        sslmode=query.pop("sslmode", None),
+        passfile=query.pop("passfile", None),
+        driver=driver or None,
+        options=tuple(sorted(query.items())),
+    )
+
+
+def conninfo_from_environ(environ: dict[str, str] | os._Environ[str]) -> ConnInfo:
+    """Build a ConnInfo from libpq's PG* variables."""
+    dbname = environ.get("PGDATABASE", "")
+    if not dbname:
+        raise ConfigError(
+            "no database given: pass --database-url, set DATABASE_URL, or set PGDATABASE"
+        )
+    port_text = environ.get("PGPORT")
+    try:
+        port = int(port_text) if port_text else None
+    except ValueError:
+        raise ConfigError(f"PGPORT is not a number: {port_text!r}") from None
+    return ConnInfo(
+        dbname=dbname,
+        host=environ.get("PGHOST") or None,
+        port=port,
+        user=environ.get("PGUSER") or None,
+        password=environ.get("PGPASSWORD") or None,
+        sslmode=environ.get("PGSSLMODE") or None,
+        passfile=environ.get("PGPASSFILE") or None,
+    )
+
+
+def resolve_conninfo(database_url: str | None) -> ConnInfo:
+    if database_url:
+        return parse_database_url(database_url)
+    return conninfo_from_environ(os.environ)
+
+
+def protected_environments() -> frozenset[str]:
+    extra = os.environ.get(PROTECTED_ENV_VAR, "")
+    names = {name.strip() for name in extra.split(",") if name.strip()}
+    return frozenset({"production", *names})
+
+
+def validate_environment(name: str) -> str:
+    if not _ENV_NAME.match(name):
+        raise UsageError(
+            f"environment name {name!r} is not valid: use letters, digits, '.', '_' or '-'"
+        )
+    return name
+
+
+def parse_duration(text: str) -> float:
+    """Parse '30d', '12h', '15m', '45s', '2w' or a bare number of days into seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not match:
+        raise UsageError(
+            f"cannot read duration {text!r}: expected a number with a unit s, m, h, d or w "
+            "(for example 30d)"
+        )
+    value = float(match.group(1))
+    unit = match.group(2) or "d"
+    return value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
+
+
+def parse_timeout_ms(text: str) -> int:
+    """Parse a PostgreSQL-style timeout ('5s', '500ms', '2min', '0') into milliseconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*(ms|s|min|m|h)?\s*", text)
+    if not match:
+        raise UsageError(f"cannot read timeout {text!r}: expected for example 5s, 500ms or 2min")
+    value = int(match.group(1))
+    unit = match.group(2) or "ms"
+    factor = {"ms": 1, "s": 1000, "min": 60_000, "m": 60_000, "h": 3_600_000}[unit]
+    return value * factor
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a command needs to know, resolved once."""
+
+    database_url: str | None = field(default=None, repr=False)
+    environment: str = DEFAULT_ENVIRONMENT
+    backup_dir: Path = Path("backups")
+    storage: str | None = None
+    log_dir: Path = Path("logs")
+    log_format: str = "json"
+    log_level: str = "info"
+    alembic_config: Path = Path("alembic.ini")
+    dry_run: bool = False
+    yes: bool = False
+    json_output: bool = False
+    pg_bin_dir: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_sse: str | None = None
+    s3_kms_key_id: str | None = None
+    s3_storage_class: str | None = None
+    keep_local: bool = False
+    interactive: bool = False
+
+    def conninfo(self) -> ConnInfo:
+        return resolve_conninfo(self.database_url)
+
+    @property
+    def is_protected(self) -> bool:
+        return self.environment in protected_environments()

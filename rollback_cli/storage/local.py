@@ -1,0 +1,142 @@
+"""Backups in a local directory (the default, and the staging area for remote storage)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rollback_cli.errors import ConfigError
+from rollback_cli.storage.base import Storage, StoredObject, tree_size
+
+TEMP_PREFIX = ".tmp-"
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (0700) or fail with a configuration error that names it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create directory {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"directory {path} is not writable by this user")
+
+
+class LocalStorage(Storage):
+    location = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def uri(self, key: str = "") -> str:
+        path = (self.root / key) if key else self.root
+        return path.resolve().as_uri()
+
+    def _path(self, key: str) -> Path:
+        candidate = (self.root / key).resolve()
+        root = self.root.resolve()
+        if candidate != root and root not in candidate.parents:
+            raise ConfigError(f"backup name {key!r} points outside the backup directory")
+        return candidate
+
+    def list_objects(self) -> list[StoredObject]:
+        if not self.root.is_dir():
+            return []
+        objects = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.name.startswith(TEMP_PREFIX):
+                continue
+            found = self.stat(entry.name)
+            if found is not None:
+                objects.append(found)
+        return objects
+
+    def stat(self, key: str) -> StoredObject | None:
+        path = self._path(key)
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        return StoredObject(
+            key=key,
+            size=tree_size(path),
+            modified=datetime.fromtimestamp(info.st_mtime, tz=timezone.utc),
+            is_dir=path.is_dir(),
+        )
+
+    def upload(self, source: Path, key: str, *, sha256: str | None = None) -> None:
+        destination = self._path(key)
+        if destination == source.resolve():
+            return
+        ensure_private_dir(self.root)
+        temp = destination.with_name(f"{TEMP_PREFIX}{destination.name}")
+        try:
+            if source.is_dir():
+                shutil.copytree(source, temp)
+            else:
+                shutil.copyfile(source, temp)
+                temp.chmod(0o600)
+            temp.replace(destination)
+        except BaseException:
+            _remove(temp)
+            raise
+        if sha256 is not None and source.is_file():
+            from rollback_cli.storage.base import sha256_file
+
+            if sha256_file(destination) != sha256:
+                _remove(destination)
+                raise ConfigError(f"copy to {destination} does not match its checksum")
+
+    def download(self, key: str, destination: Path) -> None:
+        source = self._path(key)
+        if not source.exists():
+            raise FileNotFoundError(key)
+        if source.is_dir():
+            shutil.copytree(source, destination)
+        else:
+            shutil.copyfile(source, destination)
+
+    def read_text(self, key: str) -> str:
+        return self._path(key).read_text(encoding="utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        destination = self._path(key)
+        ensure_private_dir(destination.parent)
+        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=destination.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(temp_name).chmod(0o600)
+            Path(temp_name).replace(destination)
+        except BaseException:
+            _remove(Path(temp_name))
+            raise
+
+    def delete(self, key: str) -> None:
+        _remove(self._path(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
+
+    def cleanup_incomplete(self, older_than_seconds: float) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        removed = []
+        cutoff = time.time() - older_than_seconds
+        for entry in self.root.iterdir():
+            if entry.name.startswith(TEMP_PREFIX) and entry.lstat().st_mtime < cutoff:
+                _remove(entry)
+                removed.append(entry.name)
+        return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
