@@ -1,0 +1,251 @@
+"""PostgreSQL access: connections, client binaries matched to the server, child environments.
+
+Passwords reach pg_dump/pg_restore/psql through a temporary 0600 passfile named in the
+child's environment (``PGPASSFILE``); connection details go through ``PG*`` variables, so a
+child's argv never holds a URL or a password.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import ConfigError, Refused
+from rollback_cli.log import redactor
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
+
+    from rollback_cli.settings import ConnInfo
+
+APPLICATION_NAME = "db-rollback"
+DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
+_VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)(?:\.\d+)?\S*)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return redactor.scrub(line.strip())
+
+
+def connect(
+    conninfo: ConnInfo,
+    dbname: str | None = None,
+    *,
+    autocommit: bool = True,
+    connect_timeout: int = 10,
+    application_name: str = APPLICATION_NAME,
+) -> PgConnection:
+    """Open a psycopg2 connection or raise ConfigError with libpq's reason on one line."""
+    import psycopg2
+
+    redactor.add_secret(conninfo.password)
+    kwargs: dict[str, Any] = conninfo.psycopg_kwargs(dbname)
+    kwargs.setdefault("connect_timeout", connect_timeout)
+    kwargs["application_name"] = application_name
+    try:
+        conn = psycopg2.connect(**kwargs)
+    except psycopg2.OperationalError as exc:
+        target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
+        raise ConfigError(f"cannot connect to {target}: {_first_line(exc)}") from None
+    conn.autocommit = autocommit
+    return conn
+
+
+def server_major(conn: PgConnection) -> int:
+    return int(conn.server_version) // 10000
+
+
+def server_version_text(conn: PgConnection) -> str:
+    with conn.cursor() as cur:
+        cur.execute("SHOW server_version")
+        row = cur.fetchone()
+    return str(row[0]) if row else "unknown"
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class ClientTools:
+    """pg_dump, pg_restore and psql from one installation."""
+
+    bin_dir: Path
+    major: int
+    version: str
+
+    @property
+    def pg_dump(self) -> str:
+        return str(self.bin_dir / "pg_dump")
+
+    @property
+    def pg_restore(self) -> str:
+        return str(self.bin_dir / "pg_restore")
+
+    @property
+    def psql(self) -> str:
+        return str(self.bin_dir / "psql")
+
+
+def client_version(pg_dump: Path) -> tuple[int, str] | None:
+    try:
+        out = subprocess.run(
+            [str(pg_dump), "--version"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = _VERSION.search(out)
+    if not match:
+        return None
+    return int(match.group(2)), match.group(1)
+
+
+def _candidate_dirs(pg_bin_dir: Path | None) -> list[tuple[str, Path]]:
+    candidates: list[tuple[str, Path]] = []
+    if DEBIAN_PG_ROOT.is_dir():
+        majors = sorted(
+            (int(p.name) for p in DEBIAN_PG_ROOT.iterdir() if p.name.isdigit()), reverse=False
+        )
+        candidates += [
+            (f"{DEBIAN_PG_ROOT}/{m}/bin", DEBIAN_PG_ROOT / str(m) / "bin") for m in majors
+        ]
+    on_path = shutil.which("pg_dump")
+    if on_path:
+        candidates.append(("PATH", Path(on_path).resolve().parent))
+    return candidates
+
+
+def find_client(
+    server_major_version: int, pg_bin_dir: Path | None = None, *, purpose: str = "server"
+) -> ClientTools:
+    """Pick client binaries able to dump a server of ``server_major_version``.
+
+    Order: ``--pg-bin-dir``, then ``/usr/lib/postgresql/N/bin`` (the matching major first,
+    then the nearest newer one), then PATH. A client older than the server is refused.
+    """
+    if pg_bin_dir is not None:
+        found = client_version(pg_bin_dir / "pg_dump")
+        if found is None:
+            raise ConfigError(f"no usable pg_dump in --pg-bin-dir {pg_bin_dir}")
+        major, version = found
+        if major < server_major_version:
+            raise Refused(
+                f"pg_dump {version} in {pg_bin_dir} is older than the {purpose} "
+                f"(PostgreSQL {server_major_version})",
+                hint=f"install postgresql-client-{server_major_version} or point --pg-bin-dir "
+                "at a newer client",
+            )
+        return ClientTools(pg_bin_dir, major, version)
+
+    seen: list[str] = []
+    usable: list[ClientTools] = []
+    for label, directory in _candidate_dirs(pg_bin_dir):
+        found = client_version(directory / "pg_dump")
+        if found is None:
+            continue
+        major, version = found
+        seen.append(f"{version} ({label})")
+        if major >= server_major_version:
+            usable.append(ClientTools(directory, major, version))
+    if usable:
+        # The closest newer major behaves most like the server's own tools.
+        return min(usable, key=lambda tools: tools.major)
+    detail = ", ".join(seen) if seen else "none found"
+    raise Refused(
+        f"no PostgreSQL client >= {server_major_version} for the {purpose} "
+        f"(PostgreSQL {server_major_version}; found: {detail})",
+        hint=f"install postgresql-client-{server_major_version} or pass --pg-bin-dir / "
+        "DB_ROLLBACK_PG_BIN_DIR",
+    )
+
+
+def _passfile_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+@contextmanager
+def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator[dict[str, str]]:
+    """An environment for pg_dump/pg_restore/psql connecting to ``dbname``.
+
+    The password goes into a temporary 0600 passfile that is removed afterwards.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.pop("DATABASE_URL", None)
+    env["PGDATABASE"] = dbname or conninfo.dbname
+    env["PGAPPNAME"] = APPLICATION_NAME
+    env["PGCONNECT_TIMEOUT"] = "10"
+    if conninfo.host:
+        env["PGHOST"] = conninfo.host
+    if conninfo.port:
+        env["PGPORT"] = str(conninfo.port)
+    if conninfo.user:
+        env["PGUSER"] = conninfo.user
+    if conninfo.sslmode:
+        env["PGSSLMODE"] = conninfo.sslmode
+    for key, value in conninfo.options:
+        libpq_var = {
+            "sslrootcert": "PGSSLROOTCERT",
+            "sslcert": "PGSSLCERT",
+            "sslkey": "PGSSLKEY",
+            "target_session_attrs": "PGTARGETSESSIONATTRS",
+            "options": "PGOPTIONS",
+        }.get(key)
+        if libpq_var:
+            env[libpq_var] = value
+    passfile: str | None = None
+    if conninfo.password:
+        fd, passfile = tempfile.mkstemp(prefix="db-rollback-", suffix=".pgpass")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"*:*:*:*:{_passfile_escape(conninfo.password)}\n")
+        Path(passfile).chmod(0o600)
+        env["PGPASSFILE"] = passfile
+    elif conninfo.passfile:
+        env["PGPASSFILE"] = conninfo.passfile
+    try:
+        yield env
+    finally:
+        if passfile:
+            Path(passfile).unlink(missing_ok=True)
+
+
+def table_row_counts(conn: PgConnection) -> dict[str, int]:
+    """Exact row counts of every ordinary and partitioned user table, as seen by ``conn``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT n.nspname, c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+            ORDER BY 1, 2
+            """
+        )
+        tables = [(str(schema), str(name)) for schema, name in cur.fetchall()]
+        counts: dict[str, int] = {}
+        for schema, name in tables:
+            cur.execute(f"SELECT count(*) FROM {quote_ident(schema)}.{quote_ident(name)}")
+            row = cur.fetchone()
+            counts[f"{schema}.{name}"] = int(row[0]) if row else 0
+    return counts
+
+
+def alembic_revisions(conn: PgConnection) -> list[str]:
+    """The revisions in ``alembic_version`` (empty when the table does not exist)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return []
+        cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
+        return [str(r[0]) for r in cur.fetchall()]

@@ -1,0 +1,221 @@
+"""Restoring archives with pg_restore/psql, and the databases they are restored into."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rollback_cli import pg
+from rollback_cli.errors import BackupError, ConfigError, OperationFailed, Refused
+from rollback_cli.log import get_logger, redactor
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
+
+    from rollback_cli.manifest import Manifest
+    from rollback_cli.settings import ConnInfo
+
+MAINTENANCE_DATABASES = ("postgres", "template1")
+PLAIN_HEADER = b"-- PostgreSQL database dump"
+PLAIN_TRAILER = b"-- PostgreSQL database dump complete"
+
+
+def maintenance_connection(conninfo: ConnInfo) -> PgConnection:
+    """A connection to a database other than the target (for CREATE/ALTER/DROP DATABASE)."""
+    last_error: ConfigError | None = None
+    for name in (*MAINTENANCE_DATABASES, conninfo.dbname):
+        if name == conninfo.dbname and name in MAINTENANCE_DATABASES:
+            continue
+        try:
+            return pg.connect(conninfo, name)
+        except ConfigError as exc:
+            last_error = exc
+    assert last_error is not None
+    raise last_error
+
+
+@dataclass(frozen=True)
+class DatabaseProperties:
+    name: str
+    owner: str
+    encoding: str
+    collate: str
+    ctype: str
+    tablespace: str
+    locale_provider: str | None
+    icu_locale: str | None
+
+
+def database_properties(conn: PgConnection, dbname: str) -> DatabaseProperties:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT d.datname, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding),
+                   d.datcollate, d.datctype, t.spcname
+            FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace
+            WHERE d.datname = %s
+            """,
+            (dbname,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise ConfigError(f"database {dbname} does not exist")
+        provider = icu = None
+        if conn.server_version >= 150000:
+            cur.execute(
+                "SELECT datlocprovider::text, "
+                + ("datlocale" if conn.server_version >= 170000 else "daticulocale")
+                + " FROM pg_database WHERE datname = %s",
+                (dbname,),
+            )
+            extra = cur.fetchone()
+            if extra:
+                provider, icu = extra
+    return DatabaseProperties(*(str(v) for v in row), provider, icu)
+
+
+def create_database_like(
+    conn: PgConnection, new_name: str, like: DatabaseProperties, *, set_owner: bool
+) -> None:
+    """CREATE DATABASE with the same encoding, collation, ctype and tablespace as ``like``."""
+    q = pg.quote_ident
+    parts = [
+        f"CREATE DATABASE {q(new_name)} TEMPLATE template0",
+        f"ENCODING '{like.encoding}'",
+        f"LC_COLLATE {_literal(like.collate)} LC_CTYPE {_literal(like.ctype)}",
+        f"TABLESPACE {q(like.tablespace)}",
+    ]
+    if like.locale_provider == "i" and like.icu_locale:
+        parts.append(f"LOCALE_PROVIDER icu ICU_LOCALE {_literal(like.icu_locale)}")
+    elif like.locale_provider == "b" and like.icu_locale:
+        parts.append(f"LOCALE_PROVIDER builtin BUILTIN_LOCALE {_literal(like.icu_locale)}")
+    if set_owner:
+        parts.append(f"OWNER {q(like.owner)}")
+    with conn.cursor() as cur:
+        cur.execute(" ".join(parts))
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def drop_database(conn: PgConnection, name: str) -> None:
+    with conn.cursor() as cur:
+        if conn.server_version >= 130000:
+            cur.execute(f"DROP DATABASE IF EXISTS {pg.quote_ident(name)} WITH (FORCE)")
+        else:
+            cur.execute(f"DROP DATABASE IF EXISTS {pg.quote_ident(name)}")
+
+
+def role_privileges(conn: PgConnection) -> dict[str, bool]:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT r.rolsuper, r.rolcreatedb,
+                   r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
+            FROM pg_roles r WHERE r.rolname = current_user
+            """
+        )
+        row = cur.fetchone()
+    superuser, createdb, can_terminate = row if row else (False, False, False)
+    return {
+        "superuser": bool(superuser),
+        "createdb": bool(createdb or superuser),
+        "can_terminate": bool(can_terminate),
+    }
+
+
+def check_archive_readable(tools: pg.ClientTools, artifact: Path, fmt: str) -> int:
+    """``pg_restore --list`` (or the plain header/trailer); returns the number of TOC entries."""
+    if fmt == "plain":
+        return _check_plain(artifact)
+    result = subprocess.run(
+        [tools.pg_restore, "--list", str(artifact)], capture_output=True, timeout=600, check=False
+    )
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = redactor.scrub(message[0]) if message else f"exit {result.returncode}"
+        if "unsupported version" in reason:
+            raise Refused(
+                f"pg_restore {tools.version} cannot read this archive: {reason}",
+                hint="install a newer PostgreSQL client or pass --pg-bin-dir",
+            )
+        raise BackupError(f"pg_restore cannot read {artifact.name}: {reason}")
+    return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
+
+
+def _check_plain(artifact: Path) -> int:
+    size = artifact.stat().st_size
+    with artifact.open("rb") as handle:
+        head = handle.read(4096)
+        handle.seek(max(0, size - 4096))
+        tail = handle.read()
+    if PLAIN_HEADER not in head:
+        raise BackupError(f"{artifact.name} is not a plain pg_dump script (header missing)")
+    if PLAIN_TRAILER not in tail:
+        raise BackupError(f"{artifact.name} is truncated: the dump's completion trailer is missing")
+    return 0
+
+
+def restore_into(
+    tools: pg.ClientTools,
+    conninfo: ConnInfo,
+    dbname: str,
+    artifact: Path,
+    manifest: Manifest,
+    *,
+    jobs: int = 1,
+    no_owner: bool = False,
+    clean: bool = False,
+    single_transaction: bool = False,
+) -> None:
+    """Restore ``artifact`` into ``dbname``; OperationFailed with the first error on failure."""
+    logger = get_logger()
+    if manifest.format == "plain":
+        argv = [
+            tools.psql,
+            "--no-password",
+            "--no-psqlrc",
+            "--quiet",
+            "-v",
+            "ON_ERROR_STOP=1",
+            f"--file={artifact}",
+        ]
+        if single_transaction:
+            argv.append("--single-transaction")
+    else:
+        argv = [tools.pg_restore, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+        if no_owner:
+            argv.append("--no-owner")
+        if clean:
+            argv += ["--clean", "--if-exists"]
+        if single_transaction:
+            argv.append("--single-transaction")
+        elif jobs > 1:
+            argv.append(f"--jobs={jobs}")
+        argv.append(str(artifact))
+    logger.info(
+        "restoring",
+        database=dbname,
+        tool=Path(argv[0]).name,
+        jobs=jobs,
+        no_owner=no_owner,
+        single_transaction=single_transaction,
+    )
+    with pg.child_environment(conninfo, dbname) as env, tempfile.TemporaryFile() as stderr_file:
+        result = subprocess.run(
+            argv, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env, check=False
+        )
+        if result.returncode != 0:
+            stderr_file.seek(0)
+            lines = [
+                line.strip()
+                for line in stderr_file.read().decode("utf-8", "replace").splitlines()
+                if line.strip()
+            ]
+            errors = [line for line in lines if "error" in line.lower()] or lines
+            reason = redactor.scrub(errors[0]) if errors else f"exit {result.returncode}"
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")

@@ -1,0 +1,221 @@
+"""Alembic from code: resolve revisions, render downgrade SQL offline, downgrade in-process.
+
+The URL handed to env.py names the installed driver (``postgresql+psycopg2://``) unless
+the user chose one, because SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3.
+Timeouts travel as libpq ``options`` in that URL, so they apply whatever env.py does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import ConfigError, OperationFailed, Refused, UsageError
+from rollback_cli.log import get_logger
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from rollback_cli.settings import ConnInfo, Settings
+
+BASE = "base"
+_DROP = re.compile(r"\bDROP\s+(TABLE|COLUMN)\b(?:\s+IF\s+EXISTS)?\s+([\w.\"]+)?", re.IGNORECASE)
+_ALTER_DROP = re.compile(r"\bALTER\s+TABLE\s+([\w.\"]+)\s+DROP\s+(?:COLUMN\s+)?([\w\"]+)",
+                         re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    lock_timeout_ms: int = 5000
+    statement_timeout_ms: int = 0
+
+
+@dataclass
+class RevisionStep:
+    revision: str
+    down_revision: str | None
+    message: str
+    sql: str = ""
+    drops: list[str] = field(default_factory=list)
+    empty: bool = False
+    irreversible: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"revision": self.revision, "down_revision": self.down_revision,
+                "message": self.message, "drops": self.drops, "empty": self.empty,
+                "irreversible": self.irreversible, "sql": self.sql}
+
+
+def alembic_url(conninfo: ConnInfo, timeouts: Timeouts | None = None) -> str:
+    from dataclasses import replace
+
+    options = dict(conninfo.options)
+    if timeouts is not None:
+        pg_options = options.get("options", "")
+        pg_options += f" -c lock_timeout={timeouts.lock_timeout_ms}"
+        pg_options += f" -c statement_timeout={timeouts.statement_timeout_ms}"
+        options["options"] = pg_options.strip()
+    info = replace(conninfo, options=tuple(sorted(options.items())))
+    return info.to_url(driver=conninfo.driver or "psycopg2")
+
+
+def load_config(settings: Settings, url: str | None = None) -> Config:
+    from alembic.config import Config
+
+    path = settings.alembic_config
+    if not path.is_file():
+        raise ConfigError(f"Alembic config {path} not found (set --alembic-config)")
+    config = Config(str(path))
+    # The template env.py calls fileConfig(), which would replace our log handlers.
+    config.attributes["configure_logger"] = False
+    if url is not None:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def script_directory(config: Config) -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        return ScriptDirectory.from_config(config)
+    except CommandError as exc:
+        raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
+
+
+def head_revisions(settings: Settings) -> list[str]:
+    return list(script_directory(load_config(settings)).get_heads())
+
+
+@contextmanager
+def database_url_env(url: str) -> Iterator[None]:
+    """env.py files often read DATABASE_URL; hand them the driver-qualified URL meanwhile."""
+    previous = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DATABASE_URL", None)
+        else:
+            os.environ["DATABASE_URL"] = previous
+
+
+def resolve_target(script: ScriptDirectory, target: str, current: list[str]) -> str:
+    """The full id of ``target`` (partial ids allowed); refuse what is not a downgrade target."""
+    from alembic.util.exc import CommandError
+
+    if not target or not target.strip():
+        raise UsageError("--to-revision must not be empty")
+    heads = ",".join(script.get_heads()) or "none"
+    here = ",".join(current) or "none"
+    if target == BASE:
+        return BASE
+    try:
+        revision = script.get_revision(target)
+    except CommandError as exc:
+        raise Refused(f"revision {target!r} is not valid: {exc} (current {here}, heads {heads})") \
+            from None
+    if revision is None:
+        raise Refused(f"unknown revision {target!r} (current {here}, heads {heads})")
+    full = revision.revision
+    if not current:
+        raise Refused(f"the database has no Alembic revision; cannot downgrade to {full} "
+                      f"(heads {heads})")
+    for head in current:
+        try:
+            script.get_revision(head)
+        except CommandError:
+            raise Refused(f"the database is at revision {head}, which these Alembic scripts do "
+                          f"not know (heads {heads}); wrong --alembic-config?") from None
+    ancestors: set[str] = set()
+    for head in current:
+        ancestors.update(r.revision for r in script.iterate_revisions(head, BASE))
+    if full not in ancestors:
+        raise Refused(f"revision {full} is not an ancestor of the current revision {here} "
+                      f"(heads {heads}); a schema rollback only goes back")
+    return full
+
+
+def steps_to(script: ScriptDirectory, current: list[str], target: str) -> list[RevisionStep]:
+    """The revisions a downgrade from ``current`` to ``target`` reverts, newest first."""
+    steps: list[RevisionStep] = []
+    for head in current:
+        for rev in script.iterate_revisions(head, target):
+            if rev.revision == target:
+                continue
+            down = rev.down_revision
+            down_text = down if isinstance(down, str) or down is None else ",".join(down)
+            steps.append(RevisionStep(rev.revision, down_text, rev.doc or ""))
+    return steps
+
+
+def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) -> None:
+    """Fill each step's offline SQL and flag drops, empty and irreversible downgrades."""
+    from alembic import command
+
+    for item in steps:
+        buffer = io.StringIO()
+        config.output_buffer = buffer
+        down = item.down_revision or BASE
+        try:
+            with database_url_env(url):
+                command.downgrade(config, f"{item.revision}:{down}", sql=True)
+        except NotImplementedError as exc:
+            item.irreversible = str(exc) or "downgrade raises NotImplementedError"
+        except Exception as exc:  # noqa: BLE001 - any failure to render is worth showing
+            item.irreversible = f"cannot render offline: {type(exc).__name__}: {exc}"
+        finally:
+            config.output_buffer = None
+        item.sql = buffer.getvalue()
+        statements = [
+            s for s in _statements(item.sql)
+            if "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
+        ]
+        item.empty = not statements and item.irreversible is None
+        item.drops = sorted({_describe_drop(s) for s in statements if _is_drop(s)})
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if line.strip() and not line.startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _is_drop(statement: str) -> bool:
+    return bool(_DROP.search(statement) or _ALTER_DROP.search(statement))
+
+
+def _describe_drop(statement: str) -> str:
+    altered = _ALTER_DROP.search(statement)
+    if altered and not statement.upper().lstrip().startswith("DROP"):
+        return f"column {altered.group(1)}.{altered.group(2)}".replace('"', "")
+    match = _DROP.search(statement)
+    if match:
+        return f"{match.group(1).lower()} {(match.group(2) or '').strip()}".replace('"', "")
+    return statement[:60]
+
+
+def downgrade(config: Config, target: str, url: str) -> None:
+    """Run the downgrade in-process; failures become OperationFailed (the caller checks state)."""
+    from alembic import command
+
+    logger = get_logger()
+    try:
+        with database_url_env(url):
+            command.downgrade(config, target)
+    except Exception as exc:  # noqa: BLE001 - reported with the database state by the caller
+        text = " ".join(str(exc).split())
+        if "lock timeout" in text.lower() or "canceling statement due to lock timeout" in text:
+            reason = "lock_timeout reached: the tables are busy; retry when traffic allows"
+        elif "statement timeout" in text.lower():
+            reason = "statement_timeout reached"
+        else:
+            reason = text[:300]
+        logger.error("downgrade failed", error=type(exc).__name__)
+        raise OperationFailed(f"Alembic downgrade to {target} failed: {reason}") from None
