@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import re
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import Refused
+from rollback_cli.log import get_logger
+from rollback_cli.storage.local import TEMP_PREFIX, LocalStorage
+
+if TYPE_CHECKING:
+    from rollback_cli.settings import Settings
+    from rollback_cli.storage import Storage
+
+# A temp file this old belongs to a run that was interrupted, not to one in progress.
+STALE_TEMP_SECONDS = 3600.0
 
 PRE_MARK = "_pre_"
 SCRATCH_MARK = "_rb_"
@@ -32,7 +46,7 @@ def stamp_of(name: str) -> datetime | None:
 
 
 def _databases_with(conn: Any, dbname: str, mark: str) -> list[str]:
-    prefix = derived_name(dbname, mark)[: -14]
+    prefix = derived_name(dbname, mark)[:-14]
     with conn.cursor() as cur:
         cur.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,))
         names = [str(r[0]) for r in cur.fetchall() if stamp_of(str(r[0])) is not None]
@@ -46,3 +60,87 @@ def kept_databases(conn: Any, dbname: str) -> list[str]:
 
 def scratch_databases(conn: Any, dbname: str) -> list[str]:
     return _databases_with(conn, dbname, SCRATCH_MARK) + _databases_with(conn, dbname, VERIFY_MARK)
+
+
+@dataclass
+class CleanupReport:
+    databases: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+def cleanup_artifacts(
+    settings: Settings,
+    *,
+    keep_days: float,
+    storage: Storage,
+    dry_run: bool,
+    temp_age_seconds: float = STALE_TEMP_SECONDS,
+) -> CleanupReport:
+    """Drop kept pre-rollback databases past retention, stray scratch databases (when no
+    rollback is running), Alembic batch temp tables, and temp files of interrupted runs."""
+    from rollback_cli import pg
+    from rollback_cli.lock import lock_holder
+    from rollback_cli.restore import drop_database, maintenance_connection
+
+    logger = get_logger()
+    report = CleanupReport()
+    conninfo = settings.conninfo()
+    dbname = conninfo.dbname
+    cutoff = datetime.now(timezone.utc).timestamp() - keep_days * 86400
+    verb = "would drop" if dry_run else "dropped"
+    admin = maintenance_connection(conninfo)
+    try:
+        holder = lock_holder(admin, dbname)
+        if holder is not None:
+            raise Refused(
+                f"a rollback of {dbname} is running ({holder}); its scratch databases are in use"
+            )
+        for name in kept_databases(admin, dbname):
+            when = stamp_of(name)
+            if when is not None and when.timestamp() < cutoff:
+                report.databases.append(name)
+            else:
+                report.kept.append(name)
+        report.databases += scratch_databases(admin, dbname)
+        for name in report.databases:
+            if not dry_run:
+                drop_database(admin, name)
+            logger.info(f"{verb} database", database=name)
+    finally:
+        admin.close()
+    conn = pg.connect(conninfo)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT schemaname, tablename FROM pg_tables "
+                "WHERE starts_with(tablename, '_alembic_tmp_')"
+            )
+            tables = [(str(s), str(t)) for s, t in cur.fetchall()]
+            for schema_name, table in tables:
+                qualified = f"{pg.quote_ident(schema_name)}.{pg.quote_ident(table)}"
+                if not dry_run:
+                    cur.execute(f"DROP TABLE IF EXISTS {qualified}")
+                report.tables.append(f"{schema_name}.{table}")
+                logger.info(f"{verb} table", table=f"{schema_name}.{table}")
+    finally:
+        conn.close()
+    if dry_run:
+        report.files = [p.name for p in _temp_files(settings.backup_dir, temp_age_seconds)]
+    else:
+        report.files = storage.cleanup_incomplete(temp_age_seconds)
+        if not isinstance(storage, LocalStorage) or storage.root != settings.backup_dir:
+            report.files += LocalStorage(settings.backup_dir).cleanup_incomplete(temp_age_seconds)
+    for name in report.files:
+        logger.info("removed temp file" if not dry_run else "would remove temp file", file=name)
+    return report
+
+
+def _temp_files(root: Path, older_than: float) -> list[Path]:
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    return [
+        p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX) and p.lstat().st_mtime < cutoff
+    ]

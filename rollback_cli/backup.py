@@ -147,7 +147,7 @@ class _RowCounter(threading.Thread):
     def run(self) -> None:
         try:
             self.counts = pg.table_row_counts(self.conn)
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+        except BaseException as exc:
             self.error = exc
 
 
@@ -156,7 +156,10 @@ def _stream_dump(
     destination: Path,
     progress: ProgressCallback | None,
 ) -> tuple[str, int, str | None]:
-    """Copy pg_dump's stdout to ``destination`` while hashing it; return sha256, size, archive version."""
+    """Copy pg_dump's stdout to ``destination`` while hashing it.
+
+    Returns the sha256, the size and the archive format version from the header.
+    """
     digest = hashlib.sha256()
     size = 0
     header = b""
@@ -359,7 +362,8 @@ def _run_pg_dump(
             process.wait()
             if exc.errno == errno.ENOSPC:
                 raise OperationFailed(
-                    f"disk full while writing the backup to {temp_path.parent}; partial file removed"
+                    f"disk full while writing the backup to {temp_path.parent}; "
+                    "partial file removed"
                 ) from None
             raise OperationFailed(f"cannot write the backup: {exc.strerror}") from None
         except BaseException:
@@ -407,15 +411,23 @@ def plan_backup(settings: Settings, request: BackupRequest) -> list[dict[str, st
             conn.close()
         staging = storage.root if isinstance(storage, LocalStorage) else settings.backup_dir
         ensure_private_dir(staging)
-        name = backup_name(settings.environment, request.backup_type, request.fmt,
-                           datetime.now(timezone.utc), request.kind)
+        name = backup_name(
+            settings.environment,
+            request.backup_type,
+            request.fmt,
+            datetime.now(timezone.utc),
+            request.kind,
+        )
         argv = pg_dump_argv(tools, request, "<snapshot>", staging / name)
         return [
             {"step": "connect", "detail": f"{conninfo.redacted_url()} (PostgreSQL {major})"},
             {"step": "snapshot", "detail": "export a REPEATABLE READ snapshot; count rows in it"},
             {"step": "dump", "detail": " ".join(argv)},
-            {"step": "store", "detail": f"{storage.uri(name)} then its manifest "
-             f"(revision {','.join(revisions) or 'none'})"},
+            {
+                "step": "store",
+                "detail": f"{storage.uri(name)} then its manifest "
+                f"(revision {','.join(revisions) or 'none'})",
+            },
         ]
     finally:
         storage.close()

@@ -162,7 +162,7 @@ def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
     path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(ref)
     if parts.scheme not in ("", "file"):
         raise UsageError(f"unsupported backup location {ref!r}")
-    if path.exists() or path.is_symlink() or path.parent != Path("."):
+    if path.exists() or path.is_symlink() or path.parent != Path():
         if not path.exists():
             raise BackupError(f"backup {ref} does not exist")
         return LocalStorage(path.parent), path.name.rstrip("/")

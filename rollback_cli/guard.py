@@ -19,8 +19,7 @@ def confirm_protected(
         return
     logger = get_logger()
     if settings.yes:
-        logger.warning("protected environment confirmed with --yes", action=action,
-                       database=dbname)
+        logger.warning("protected environment confirmed with --yes", action=action, database=dbname)
         return
     if prompt is None or not settings.interactive:
         raise Refused(
@@ -32,5 +31,4 @@ def confirm_protected(
     )
     if typed.strip() != dbname:
         raise Refused(f"confirmation did not match the database name {dbname!r}; nothing changed")
-    logger.warning("protected environment confirmed interactively", action=action,
-                   database=dbname)
+    logger.warning("protected environment confirmed interactively", action=action, database=dbname)

@@ -19,8 +19,9 @@ _ROLLBACK_TYPES = ("schema", "data", "full")
 def is_legacy(args: list[str]) -> bool:
     if any(arg in COMMANDS for arg in args):
         return False
-    return any(_flag_name(arg) in (*ACTIONS, "--type", "--to-revision", "--backup-file")
-               for arg in args)
+    return any(
+        _flag_name(arg) in (*ACTIONS, "--type", "--to-revision", "--backup-file") for arg in args
+    )
 
 
 def _flag_name(arg: str) -> str:
@@ -71,8 +72,10 @@ def translate(args: list[str]) -> list[str]:
         command = ["cleanup-artifacts"]
     else:
         if kind not in _ROLLBACK_TYPES:
-            raise UsageError("--type must be schema, data or full for a rollback "
-                             "(or add --create-backup to back up)")
+            raise UsageError(
+                "--type must be schema, data or full for a rollback "
+                "(or add --create-backup to back up)"
+            )
         command = ["rollback", kind]
         if "--to-revision" in values:
             command += ["--to-revision", values["--to-revision"]]

@@ -66,8 +66,10 @@ def rollback_lock(conninfo: ConnInfo, dbname: str) -> Iterator[PgConnection]:
             row = cur.fetchone()
         if not row or not row[0]:
             holder = lock_holder(conn, dbname) or "another session"
-            raise Refused(f"another rollback of {dbname} is running ({holder})",
-                          hint="wait for it to finish; the lock is released when it exits")
+            raise Refused(
+                f"another rollback of {dbname} is running ({holder})",
+                hint="wait for it to finish; the lock is released when it exits",
+            )
         logger.info("lock acquired", database=dbname)
         yield conn
     finally:
@@ -75,6 +77,7 @@ def rollback_lock(conninfo: ConnInfo, dbname: str) -> Iterator[PgConnection]:
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_advisory_unlock_all()")
             logger.info("lock released", database=dbname)
-        except Exception:  # noqa: BLE001 - closing the session releases it anyway
-            pass
+        except Exception as exc:
+            # Closing the session below releases the lock anyway.
+            logger.warning("explicit unlock failed", error=type(exc).__name__)
         conn.close()

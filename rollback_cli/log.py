@@ -190,7 +190,7 @@ def configure(
             fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.close(fd)
             file_handler: logging.Handler = logging.FileHandler(log_path, encoding="utf-8")
-        except Exception:  # noqa: BLE001 - a missing log file must not stop a rollback
+        except Exception:
             log_path = None
         else:
             file_handler.setFormatter(

@@ -65,7 +65,7 @@ class Manifest:
         """Parse and check a manifest; any problem is a BackupError naming ``source``."""
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except json.JSONDecodeError as exc:
             raise BackupError(f"manifest {source} is not valid JSON ({exc.msg})") from None
         if not isinstance(data, dict):
             raise BackupError(f"manifest {source} is not a JSON object")

@@ -58,7 +58,7 @@ def connect(
         target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
         raise ConfigError(f"cannot connect to {target}: {_first_line(exc)}") from None
     conn.autocommit = autocommit
-    return conn
+    return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
 
 
 def server_major(conn: PgConnection) -> int:

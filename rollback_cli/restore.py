@@ -74,7 +74,8 @@ def database_properties(conn: PgConnection, dbname: str) -> DatabaseProperties:
             extra = cur.fetchone()
             if extra:
                 provider, icu = extra
-    return DatabaseProperties(*(str(v) for v in row), provider, icu)
+    name, owner, encoding, collate, ctype, tablespace = (str(v) for v in row)
+    return DatabaseProperties(name, owner, encoding, collate, ctype, tablespace, provider, icu)
 
 
 def create_database_like(
@@ -171,19 +172,18 @@ def restore_into(
     no_owner: bool = False,
     clean: bool = False,
     single_transaction: bool = False,
+    preamble: Path | None = None,
 ) -> None:
-    """Restore ``artifact`` into ``dbname``; OperationFailed with the first error on failure."""
+    """Restore ``artifact`` into ``dbname``; OperationFailed with the first error on failure.
+
+    ``preamble`` (plain format only) is an SQL file run first, in the same transaction.
+    """
     logger = get_logger()
     if manifest.format == "plain":
-        argv = [
-            tools.psql,
-            "--no-password",
-            "--no-psqlrc",
-            "--quiet",
-            "-v",
-            "ON_ERROR_STOP=1",
-            f"--file={artifact}",
-        ]
+        argv = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
+        if preamble is not None:
+            argv.append(f"--file={preamble}")
+        argv.append(f"--file={artifact}")
         if single_transaction:
             argv.append("--single-transaction")
     else:

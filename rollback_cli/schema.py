@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 BASE = "base"
 _DROP = re.compile(r"\bDROP\s+(TABLE|COLUMN)\b(?:\s+IF\s+EXISTS)?\s+([\w.\"]+)?", re.IGNORECASE)
-_ALTER_DROP = re.compile(r"\bALTER\s+TABLE\s+([\w.\"]+)\s+DROP\s+(?:COLUMN\s+)?([\w\"]+)",
-                         re.IGNORECASE)
+_ALTER_DROP = re.compile(
+    r"\bALTER\s+TABLE\s+([\w.\"]+)\s+DROP\s+(?:COLUMN\s+)?([\w\"]+)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,15 @@ class RevisionStep:
     irreversible: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"revision": self.revision, "down_revision": self.down_revision,
-                "message": self.message, "drops": self.drops, "empty": self.empty,
-                "irreversible": self.irreversible, "sql": self.sql}
+        return {
+            "revision": self.revision,
+            "down_revision": self.down_revision,
+            "message": self.message,
+            "drops": self.drops,
+            "empty": self.empty,
+            "irreversible": self.irreversible,
+            "sql": self.sql,
+        }
 
 
 def alembic_url(conninfo: ConnInfo, timeouts: Timeouts | None = None) -> str:
@@ -120,26 +127,32 @@ def resolve_target(script: ScriptDirectory, target: str, current: list[str]) -> 
     try:
         revision = script.get_revision(target)
     except CommandError as exc:
-        raise Refused(f"revision {target!r} is not valid: {exc} (current {here}, heads {heads})") \
-            from None
+        raise Refused(
+            f"revision {target!r} is not valid: {exc} (current {here}, heads {heads})"
+        ) from None
     if revision is None:
         raise Refused(f"unknown revision {target!r} (current {here}, heads {heads})")
     full = revision.revision
     if not current:
-        raise Refused(f"the database has no Alembic revision; cannot downgrade to {full} "
-                      f"(heads {heads})")
+        raise Refused(
+            f"the database has no Alembic revision; cannot downgrade to {full} (heads {heads})"
+        )
     for head in current:
         try:
             script.get_revision(head)
         except CommandError:
-            raise Refused(f"the database is at revision {head}, which these Alembic scripts do "
-                          f"not know (heads {heads}); wrong --alembic-config?") from None
+            raise Refused(
+                f"the database is at revision {head}, which these Alembic scripts do "
+                f"not know (heads {heads}); wrong --alembic-config?"
+            ) from None
     ancestors: set[str] = set()
     for head in current:
         ancestors.update(r.revision for r in script.iterate_revisions(head, BASE))
     if full not in ancestors:
-        raise Refused(f"revision {full} is not an ancestor of the current revision {here} "
-                      f"(heads {heads}); a schema rollback only goes back")
+        raise Refused(
+            f"revision {full} is not an ancestor of the current revision {here} "
+            f"(heads {heads}); a schema rollback only goes back"
+        )
     return full
 
 
@@ -169,13 +182,14 @@ def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) ->
                 command.downgrade(config, f"{item.revision}:{down}", sql=True)
         except NotImplementedError as exc:
             item.irreversible = str(exc) or "downgrade raises NotImplementedError"
-        except Exception as exc:  # noqa: BLE001 - any failure to render is worth showing
+        except Exception as exc:
             item.irreversible = f"cannot render offline: {type(exc).__name__}: {exc}"
         finally:
             config.output_buffer = None
         item.sql = buffer.getvalue()
         statements = [
-            s for s in _statements(item.sql)
+            s
+            for s in _statements(item.sql)
             if "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
         ]
         item.empty = not statements and item.irreversible is None
@@ -209,7 +223,7 @@ def downgrade(config: Config, target: str, url: str) -> None:
     try:
         with database_url_env(url):
             command.downgrade(config, target)
-    except Exception as exc:  # noqa: BLE001 - reported with the database state by the caller
+    except Exception as exc:
         text = " ".join(str(exc).split())
         if "lock timeout" in text.lower() or "canceling statement due to lock timeout" in text:
             reason = "lock_timeout reached: the tables are busy; retry when traffic allows"

@@ -38,8 +38,11 @@ def preflight(settings: Settings) -> StatusReport:
     conn = pg.connect(conninfo)
     try:
         major = pg.server_major(conn)
-        report.add("connection", "ok", f"{conninfo.redacted_url()} "
-                   f"(PostgreSQL {pg.server_version_text(conn)})")
+        report.add(
+            "connection",
+            "ok",
+            f"{conninfo.redacted_url()} (PostgreSQL {pg.server_version_text(conn)})",
+        )
         try:
             tools = pg.find_client(major, settings.pg_bin_dir)
             report.add("client", "ok", f"pg_dump {tools.version} in {tools.bin_dir}")
@@ -69,25 +72,40 @@ def _privileges(conn: Any, dbname: str, report: StatusReport) -> None:
     privileges = role_privileges(conn)
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT pg_has_role(current_user, datdba, 'MEMBER') FROM pg_database WHERE datname = %s",
+            "SELECT pg_has_role(current_user, datdba, 'MEMBER') FROM pg_database "
+            "WHERE datname = %s",
             (dbname,),
         )
         row = cur.fetchone()
     owner = bool(row and row[0])
-    parts = [f"{name}={'yes' if value else 'no'}" for name, value in
-             (("superuser", privileges["superuser"]), ("createdb", privileges["createdb"]),
-              ("owner", owner), ("terminate backends", privileges["can_terminate"]))]
+    parts = [
+        f"{name}={'yes' if value else 'no'}"
+        for name, value in (
+            ("superuser", privileges["superuser"]),
+            ("createdb", privileges["createdb"]),
+            ("owner", owner),
+            ("terminate backends", privileges["can_terminate"]),
+        )
+    ]
     swap_ready = privileges["createdb"] and (owner or privileges["superuser"])
     if swap_ready and privileges["can_terminate"]:
         report.add("privileges", "ok", ", ".join(parts), **privileges, owner=owner)
     elif owner or privileges["superuser"]:
-        report.add("privileges", "warning", ", ".join(parts)
-                   + " (swap rollback unavailable: use --strategy in-place)",
-                   **privileges, owner=owner)
+        report.add(
+            "privileges",
+            "warning",
+            ", ".join(parts) + " (swap rollback unavailable: use --strategy in-place)",
+            **privileges,
+            owner=owner,
+        )
     else:
-        report.add("privileges", "fail", ", ".join(parts)
-                   + " (the role must own the database or be superuser)",
-                   **privileges, owner=owner)
+        report.add(
+            "privileges",
+            "fail",
+            ", ".join(parts) + " (the role must own the database or be superuser)",
+            **privileges,
+            owner=owner,
+        )
 
 
 def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
@@ -108,8 +126,13 @@ def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
         detail += f", head {head}"
     elif not settings.alembic_config.exists():
         detail += f" (no {settings.alembic_config}: head unknown)"
-    report.add("revision", "ok" if current or head is None else "warning", detail,
-               current=report.current_revision, head=head)
+    report.add(
+        "revision",
+        "ok" if current or head is None else "warning",
+        detail,
+        current=report.current_revision,
+        head=head,
+    )
 
 
 def _lock(conn: Any, dbname: str, report: StatusReport) -> None:
@@ -139,7 +162,9 @@ def _sessions(conn: Any, dbname: str, report: StatusReport) -> None:
     if not rows:
         report.add("sessions", "ok", "no long-running or idle-in-transaction sessions")
         return
-    described = ", ".join(f"pid {pid} {app or '?'} {state} {age}s" for pid, app, state, age in rows[:5])
+    described = ", ".join(
+        f"pid {pid} {app or '?'} {state} {age}s" for pid, app, state, age in rows[:5]
+    )
     report.add("sessions", "warning", f"{len(rows)} session(s) may block a rollback: {described}")
 
 
@@ -149,5 +174,9 @@ def _kept_databases(conn: Any, dbname: str, report: StatusReport) -> None:
     kept = kept_databases(conn, dbname)
     if kept:
         newest = kept[0]
-        report.add("undo", "info", f"{len(kept)} pre-rollback database(s) kept; "
-                   f"`rollback undo` would swap back {newest}", databases=kept)
+        report.add(
+            "undo",
+            "info",
+            f"{len(kept)} pre-rollback database(s) kept; `rollback undo` would swap back {newest}",
+            databases=kept,
+        )

@@ -92,20 +92,8 @@ def verify_stored(
             manifest_client_major(manifest), settings.pg_bin_dir, purpose="archive's pg_dump"
         )
         with fetched(storage, key, manifest, settings.backup_dir) as local:
-            actual = sha256_artifact(local)
-            if actual != manifest.sha256:
-                raise BackupError(
-                    f"backup {key} fails its checksum (sha256 {actual[:12]}…, manifest "
-                    f"{manifest.sha256[:12]}…): corrupt or modified"
-                )
-            result.add("sha256", actual)
-            entries = check_archive_readable(tools, local, manifest.format)
-            result.add(
-                "readable",
-                f"pg_restore --list: {entries} entries"
-                if manifest.format != "plain"
-                else "header and completion trailer present",
-            )
+            for name, detail in check_local(tools, local, manifest):
+                result.add(name, detail)
             if restore_test:
                 result.restore_test = run_restore_test(
                     conninfo or settings.conninfo(), tools, local, manifest, settings.pg_bin_dir
@@ -115,6 +103,23 @@ def verify_stored(
         "backup verified", backup=key, sha256=manifest.sha256, restore_test=bool(restore_test)
     )
     return result
+
+
+def check_local(tools: pg.ClientTools, local: Path, manifest: Manifest) -> list[tuple[str, str]]:
+    """Checksum and readability of a backup already on local disk."""
+    actual = sha256_artifact(local)
+    if actual != manifest.sha256:
+        raise BackupError(
+            f"backup {manifest.file_name} fails its checksum (sha256 {actual[:12]}…, manifest "
+            f"{manifest.sha256[:12]}…): corrupt or modified"
+        )
+    entries = check_archive_readable(tools, local, manifest.format)
+    readable = (
+        f"pg_restore --list: {entries} entries"
+        if manifest.format != "plain"
+        else "header and completion trailer present"
+    )
+    return [("sha256", actual), ("readable", readable)]
 
 
 def run_restore_test(

@@ -28,7 +28,8 @@ def open_storage(settings: Settings) -> Storage:
     if parts.scheme == "s3":
         from rollback_cli.storage.s3 import S3Storage
 
-        return S3Storage.from_settings(target, settings)
+        s3: Storage = S3Storage.from_settings(target, settings)
+        return s3
     if not parts.scheme:
         return LocalStorage(Path(target))
     raise UsageError(f"unsupported storage {target!r}: use file:///path or s3://bucket/prefix")
