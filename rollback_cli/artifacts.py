@@ -38,6 +38,18 @@ def derived_name(dbname: str, mark: str, when: datetime | None = None) -> str:
     return base + suffix
 
 
+def free_derived_name(conn: Any, dbname: str, mark: str) -> str:
+    """A derived name no database has yet (names carry seconds: wait for the next one)."""
+    for _ in range(5):
+        name = derived_name(dbname, mark)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                return name
+        time.sleep(1.0)
+    raise Refused(f"cannot find a free name for {name}")
+
+
 def stamp_of(name: str) -> datetime | None:
     match = _STAMP.search(name)
     if not match:

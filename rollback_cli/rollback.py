@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli import pg
-from rollback_cli.artifacts import PRE_MARK, SCRATCH_MARK, derived_name, kept_databases
+from rollback_cli.artifacts import (
+    PRE_MARK,
+    SCRATCH_MARK,
+    derived_name,
+    free_derived_name,
+    kept_databases,
+)
 from rollback_cli.backup import BackupRequest, BackupResult, create_backup
 from rollback_cli.catalog import fetched, locate, read_manifest
 from rollback_cli.errors import (
@@ -174,9 +180,10 @@ def _verified_backup(settings: Settings, ref: str, options: RollbackOptions) -> 
             tools = pg.find_client(
                 manifest_client_major(manifest), settings.pg_bin_dir, purpose="archive's pg_dump"
             )
-            with fetched(storage, key, manifest, settings.backup_dir) as local:
+        with fetched(storage, key, manifest, settings.backup_dir) as local:
+            with step("verify-checksum", backup=key):
                 check_local(tools, local, manifest)
-                yield _Backup(storage, key, manifest, local)
+            yield _Backup(storage, key, manifest, local)
     finally:
         storage.close()
 
@@ -322,8 +329,8 @@ def _apply_data(
             _restore_in_place(target, backup)
         return
     db = target.conninfo.dbname
-    scratch = derived_name(db, SCRATCH_MARK)
     admin = maintenance_connection(target.conninfo)
+    scratch = free_derived_name(admin, db, SCRATCH_MARK)
     try:
         like = database_properties(admin, db)
         state = read_database_state(admin, db)
@@ -352,7 +359,7 @@ def _apply_data(
                         + "; ".join(comparison["mismatches"][:5])
                         + "; live database unchanged"
                     )
-            kept = derived_name(db, PRE_MARK)
+            kept = free_derived_name(admin, db, PRE_MARK)
             with step("swap") as details:
                 result.unavailable_ms = swap_databases(admin, db, scratch, kept, state)
                 details.update(unavailable_ms=round(result.unavailable_ms, 1), kept_as=kept)
@@ -630,9 +637,7 @@ def rollback_undo(
                 "(cleanup-artifacts may have removed it)"
             )
         previous = kept[0]
-        new_kept = derived_name(db, PRE_MARK)
-        if new_kept == previous:
-            raise Refused("a rollback finished less than a second ago; retry in a moment")
+        new_kept = free_derived_name(admin, db, PRE_MARK)
         result.plan_step(
             "swap", f"RENAME {db} TO {new_kept}; RENAME {previous} TO {db} (undo again to reverse)"
         )
