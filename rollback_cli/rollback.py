@@ -405,7 +405,15 @@ def _restore_in_place(target: _Target, backup: _Backup) -> None:
     finally:
         conn.close()
     preamble = "".join(f"DROP SCHEMA IF EXISTS {pg.quote_ident(s)} CASCADE;\n" for s in schemas)
-    preamble += "CREATE SCHEMA public;\n"
+    # Recreate public as initdb makes it, so the restored schema matches the backup's.
+    owner = "pg_database_owner" if target.major >= 14 else "CURRENT_USER"
+    preamble += (
+        f"CREATE SCHEMA public AUTHORIZATION {owner};\n"
+        "GRANT USAGE ON SCHEMA public TO PUBLIC;\n"
+        "COMMENT ON SCHEMA public IS 'standard public schema';\n"
+    )
+    if target.major < 15:
+        preamble += "GRANT CREATE ON SCHEMA public TO PUBLIC;\n"
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
         handle.write(preamble)
     combined = Path(handle.name)

@@ -127,9 +127,8 @@ def resolve_target(script: ScriptDirectory, target: str, current: list[str]) -> 
     try:
         revision = script.get_revision(target)
     except CommandError as exc:
-        raise Refused(
-            f"revision {target!r} is not valid: {exc} (current {here}, heads {heads})"
-        ) from None
+        reason = "unknown revision" if "locate" in str(exc) else "ambiguous revision"
+        raise Refused(f"{reason} {target!r}: {exc} (current {here}, heads {heads})") from None
     if revision is None:
         raise Refused(f"unknown revision {target!r} (current {here}, heads {heads})")
     full = revision.revision

@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# The composite action's main step: validate the inputs, hide the credentials, run db-rollback
+# with --json (in its container image or with the runner's Python), then hand the result
+# document to report.py for step outputs, the job summary and annotations.
+#
+# Inputs arrive as INPUT_* environment variables set by action.yml's `env:` block, never
+# spliced into the script text, so no input value is ever executed as shell.
+#
+# Runtimes:
+#   docker  docker run INPUT_IMAGE with the working directory mounted at /work, as the
+#           runner's uid so the files it writes stay the runner's.
+#   python  pip install the action's own checkout ($GITHUB_ACTION_PATH) into the active
+#           Python (setup-python's or an activated venv; a venv under RUNNER_TEMP when the
+#           system Python is externally managed) and run db-rollback from there. Set
+#           DB_ROLLBACK_ACTION_SKIP_INSTALL=1 to use a db-rollback already on PATH instead
+#           (the action's own tests do, to run the checkout under test).
+#
+# Exits with db-rollback's exit code (2 for inputs this script rejects).
+set -Eeuo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+action_path=${GITHUB_ACTION_PATH:-$(cd "$here/../.." && pwd)}
+container_dir=/work
+
+# GitHub turns these lines into annotations; elsewhere they are plain, readable lines.
+annotation_escape() {
+    local text=${1//'%'/'%25'}
+    text=${text//$'\r'/'%0D'}
+    printf '%s' "${text//$'\n'/'%0A'}"
+}
+fail_input() {
+    echo "::error title=db-rollback: invalid input::$(annotation_escape "$*")"
+    exit 2
+}
+warn() { echo "::warning title=db-rollback::$(annotation_escape "$*")"; }
+
+lower() { printf '%s' "${1,,}"; }
+boolean_input() {
+    local name=$1 value
+    value=$(lower "${2:-}")
+    case "$value" in
+        true | false) printf '%s' "$value" ;;
+        '') printf 'false' ;;
+        *) fail_input "$name must be 'true' or 'false', not '$2'" ;;
+    esac
+}
+
+# ------------------------------------------------------------------------------ credentials
+# Mask before anything else can print them. The URL's password is masked on its own as well
+# (raw and percent-decoded), since tools may print a URL rebuilt without its other parts.
+if [[ -n ${INPUT_DATABASE_URL:-} ]]; then
+    export DATABASE_URL=$INPUT_DATABASE_URL
+fi
+mask() {
+    local value=$1
+    [[ -z $value || $value == *$'\n'* ]] && return 0
+    echo "::add-mask::$value"
+}
+if [[ -n ${DATABASE_URL:-} ]]; then
+    mask "$DATABASE_URL"
+    while IFS= read -r secret; do
+        mask "$secret"
+    done < <(python3 - <<'EOF'
+import os
+from urllib.parse import unquote, urlsplit
+
+try:
+    password = urlsplit(os.environ["DATABASE_URL"].strip()).password
+except ValueError:
+    password = None
+if password:
+    print(password)
+    if unquote(password) != password:
+        print(unquote(password))
+EOF
+    )
+fi
+[[ -n ${PGPASSWORD:-} ]] && mask "$PGPASSWORD"
+for name in AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN; do
+    [[ -n ${!name:-} ]] && mask "${!name}"
+done
+
+# ----------------------------------------------------------------------------------- inputs
+command=$(lower "${INPUT_COMMAND:-}")
+type=$(lower "${INPUT_TYPE:-}")
+environment=${INPUT_ENVIRONMENT:-staging}
+to_revision=${INPUT_TO_REVISION:-}
+backup_file=${INPUT_BACKUP_FILE:-}
+dry_run=$(boolean_input dry-run "${INPUT_DRY_RUN:-false}")
+yes=$(boolean_input yes "${INPUT_YES:-false}")
+boolean_input upload-artifacts "${INPUT_UPLOAD_ARTIFACTS:-true}" > /dev/null
+runtime=$(lower "${INPUT_RUNTIME:-docker}")
+image=${INPUT_IMAGE:-ghcr.io/opssight/db-rollback:v1}
+working_directory=${INPUT_WORKING_DIRECTORY:-.}
+s3_sse=${INPUT_S3_SSE:-}
+retention_days=${INPUT_RETENTION_DAYS:-}
+older_than=${INPUT_OLDER_THAN:-30d}
+keep_last=${INPUT_KEEP_LAST:-}
+
+commands="backup, rollback, verify, list, cleanup, status, validate"
+case "$command" in
+    backup | rollback | verify | list | cleanup | status | validate) ;;
+    '') fail_input "command is required: one of $commands" ;;
+    *) fail_input "unknown command '${INPUT_COMMAND}': expected one of $commands" ;;
+esac
+case "$runtime" in
+    docker | python) ;;
+    *) fail_input "runtime must be 'docker' or 'python', not '${INPUT_RUNTIME}'" ;;
+esac
+[[ -n $environment ]] || fail_input "environment must not be empty"
+
+case "$command" in
+    backup)
+        case "$type" in
+            '' | full | schema | data) ;;
+            *) fail_input "type for command backup must be full, schema or data, not '$type'" ;;
+        esac ;;
+    rollback)
+        case "$type" in
+            schema | full)
+                [[ -n $to_revision ]] \
+                    || fail_input "rollback of type $type needs to-revision (the Alembic revision to go back to)" ;;
+            data)
+                [[ -n $backup_file ]] \
+                    || fail_input "rollback of type data needs backup-file (the backup to restore)" ;;
+            '') fail_input "command rollback needs type: schema, data or full" ;;
+            *) fail_input "type for command rollback must be schema, data or full, not '$type'" ;;
+        esac ;;
+    verify)
+        [[ -n $backup_file ]] || fail_input "command verify needs backup-file" ;;
+    *)
+        [[ -z $type ]] || warn "type '$type' is ignored by command $command" ;;
+esac
+if [[ -n $to_revision && ! ($command == rollback && $type != data) ]]; then
+    warn "to-revision is ignored by command $command${type:+ $type}"
+fi
+case "$s3_sse" in
+    '' | AES256 | aws:kms) ;;
+    *) fail_input "s3-sse must be AES256 or aws:kms, not '$s3_sse'" ;;
+esac
+if [[ -n $retention_days ]] && ! [[ $retention_days =~ ^[0-9]+$ && $retention_days -ge 1 && $retention_days -le 90 ]]; then
+    fail_input "retention-days must be a number of days from 1 to 90, not '$retention_days'"
+fi
+if [[ -n $keep_last ]] && ! [[ $keep_last =~ ^[0-9]+$ ]]; then
+    fail_input "keep-last must be a whole number, not '$keep_last'"
+fi
+[[ -d $working_directory ]] || fail_input "working-directory '$working_directory' does not exist"
+cd "$working_directory"
+host_dir=$(pwd -P)
+
+# extra-args: split like a shell would (quotes group words) but never evaluated.
+extra_args=()
+if [[ -n ${INPUT_EXTRA_ARGS:-} ]]; then
+    words_file=$(mktemp "${RUNNER_TEMP:-/tmp}/db-rollback-args.XXXXXX")
+    python3 -c '
+import os, shlex, sys
+try:
+    words = shlex.split(os.environ["INPUT_EXTRA_ARGS"])
+except ValueError as exc:
+    sys.exit(f"{exc}")
+sys.stdout.write("".join(word + "\0" for word in words))
+' > "$words_file" 2> "$words_file.err" || {
+        reason=$(cat "$words_file.err"); rm -f "$words_file" "$words_file.err"
+        fail_input "extra-args cannot be split into words: $reason"
+    }
+    mapfile -d '' -t extra_args < "$words_file"
+    rm -f "$words_file" "$words_file.err"
+fi
+
+# A backup named by a path on the runner must be reachable inside the container: paths
+# under the working directory are rewritten relative to it, others are refused.
+if [[ $runtime == docker && $backup_file == /* ]]; then
+    if [[ $backup_file == "$host_dir"/* ]]; then
+        backup_file=${backup_file#"$host_dir"/}
+    else
+        fail_input "backup-file '$backup_file' is outside working-directory and cannot be reached in the container (use runtime: python, a storage URI, or a path under working-directory)"
+    fi
+fi
+
+# ----------------------------------------------------------------------------------- argv
+# Settings travel as environment variables (DATABASE_URL above, DB_ROLLBACK_* here), so the
+# command line holds no credentials and stays short enough to show in the summary.
+export DB_ROLLBACK_ENVIRONMENT=$environment
+[[ -n ${INPUT_STORAGE:-} ]] && export DB_ROLLBACK_STORAGE=$INPUT_STORAGE
+[[ -n ${INPUT_S3_ENDPOINT_URL:-} ]] && export AWS_ENDPOINT_URL=$INPUT_S3_ENDPOINT_URL
+[[ -n $s3_sse ]] && export DB_ROLLBACK_S3_SSE=$s3_sse
+[[ -n ${INPUT_ALEMBIC_CONFIG:-} ]] && export DB_ROLLBACK_ALEMBIC_CONFIG=$INPUT_ALEMBIC_CONFIG
+export DB_ROLLBACK_LOG_FORMAT=json
+
+argv=(--json)
+[[ $dry_run == true ]] && argv+=(--dry-run)
+[[ $yes == true ]] && argv+=(--yes)
+case "$command" in
+    backup) argv+=(backup create --type "${type:-full}") ;;
+    rollback)
+        argv+=(rollback "$type")
+        [[ $type != data ]] && argv+=(--to-revision "$to_revision")
+        [[ -n $backup_file ]] && argv+=(--backup-file "$backup_file") ;;
+    verify) argv+=(backup verify "$backup_file") ;;
+    list) argv+=(backup list) ;;
+    cleanup)
+        argv+=(backup cleanup --older-than "$older_than")
+        [[ -n $keep_last ]] && argv+=(--keep-last "$keep_last") ;;
+    status) argv+=(status) ;;
+    validate) argv+=(validate) ;;
+esac
+argv+=("${extra_args[@]}")
+
+# ------------------------------------------------------------------------------------ run
+result_file=$(mktemp "${RUNNER_TEMP:-/tmp}/db-rollback-result.XXXXXX")
+trap 'rm -f "$result_file"' EXIT
+
+case "$runtime" in
+    docker)
+        command -v docker > /dev/null || fail_input "runtime docker needs docker on the runner (or use runtime: python)"
+        # Pass through by name only: values never appear in docker's argv.
+        env_args=()
+        while IFS= read -r name; do
+            env_args+=(-e "$name")
+        done < <(compgen -e | grep -E '^(DATABASE_URL|PG[A-Z]+|DB_ROLLBACK_[A-Z0-9_]+|AWS_[A-Z_]+|GITHUB_(ACTOR|REPOSITORY|RUN_ID|RUN_ATTEMPT|SHA|WORKFLOW|JOB)|CI)$' \
+                 | grep -v '^DB_ROLLBACK_ACTION_' || true)
+        runner=(docker run --rm --network host --user "$(id -u):$(id -g)" -e HOME=/tmp
+                "${env_args[@]}" -v "$host_dir:$container_dir" -w "$container_dir"
+                "$image")
+        export ACTION_CONTAINER_DIR=$container_dir
+        ;;
+    python)
+        if [[ ${DB_ROLLBACK_ACTION_SKIP_INSTALL:-} == 1 ]]; then
+            command -v db-rollback > /dev/null \
+                || fail_input "DB_ROLLBACK_ACTION_SKIP_INSTALL=1 but db-rollback is not on PATH"
+            echo "using the db-rollback already on PATH: $(command -v db-rollback)"
+            runner=(db-rollback)
+        else
+            python=python3
+            if python3 -c 'import os, sys, sysconfig
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if managed and sys.prefix == sys.base_prefix else 1)'; then
+                venv=${RUNNER_TEMP:-/tmp}/db-rollback-venv
+                echo "the system Python is externally managed: installing into $venv"
+                python3 -m venv --system-site-packages "$venv"
+                python=$venv/bin/python
+            fi
+            echo "::group::pip install db-rollback from $action_path"
+            "$python" -m pip install --disable-pip-version-check --quiet "$action_path"
+            echo "::endgroup::"
+            runner=("$python" -m rollback_cli)
+        fi
+        ;;
+esac
+
+export ACTION_COMMAND=$command ACTION_HOST_DIR=$host_dir
+export ACTION_ARTIFACT_NAME=${INPUT_ARTIFACT_NAME:-}
+printf -v shown '%q ' "${argv[@]}"
+export ACTION_CLI_COMMAND="db-rollback ${shown% }"
+echo "$ACTION_CLI_COMMAND  (environment $environment, runtime $runtime, in $host_dir)"
+
+set +e
+"${runner[@]}" "${argv[@]}" > "$result_file"
+exit_code=$?
+set -e
+
+python3 "$here/report.py" "$result_file" "$exit_code"
+exit "$exit_code"

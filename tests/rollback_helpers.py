@@ -1,0 +1,128 @@
+"""Helpers for the rollback tests: an example-project database and CLI invocation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from click.testing import CliRunner, Result
+
+from rollback_cli.cli import cli
+from tests.servers import TestDatabase
+
+REV_CREATE = "3f9c1e7a2b40"
+REV_SEED = "8d4b6a0c9e12"
+REV_TIER = "b7e2f5a91c38"
+REV_DROP_EMAIL = "e41c0d7f6a95"
+
+
+@dataclass
+class Project:
+    """A test database managed by the example Alembic project, with its own dirs."""
+
+    db: TestDatabase
+    alembic_ini: Path
+    workdir: Path
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.workdir / "backups"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def alembic_url(self) -> str:
+        return self.db.url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+    def upgrade(self, revision: str) -> None:
+        config = Config(str(self.alembic_ini))
+        config.attributes["configure_logger"] = False
+        config.set_main_option("sqlalchemy.url", self.alembic_url().replace("%", "%%"))
+        command.upgrade(config, revision)
+
+    def base_args(self, environment: str = "staging") -> list[str]:
+        return [
+            "--database-url",
+            self.db.url,
+            "--environment",
+            environment,
+            "--backup-dir",
+            str(self.backup_dir),
+            "--log-dir",
+            str(self.log_dir),
+            "--alembic-config",
+            str(self.alembic_ini),
+            "--pg-bin-dir",
+            str(self.db.server.bin_dir),
+            "--log-format",
+            "json",
+        ]
+
+    def run(self, *args: str, environment: str = "staging", input: str | None = None) -> Result:
+        return CliRunner().invoke(cli, [*self.base_args(environment), *args], input=input)
+
+    def run_json(self, *args: str, environment: str = "staging") -> tuple[Result, dict[str, Any]]:
+        result = self.run("--json", *args, environment=environment)
+        return result, json.loads(result.stdout)
+
+    def backup(self, *extra: str) -> str:
+        result, doc = self.run_json("backup", "create", *extra)
+        assert result.exit_code == 0, result.stderr
+        return str(doc["backup_file"])
+
+    def revision(self) -> str | None:
+        rows = self.db.query("SELECT version_num FROM alembic_version")
+        return rows[0][0] if rows else None
+
+    def schema_dump(self) -> str:
+        """pg_dump --schema-only, the schema compared before and after."""
+        env = {**os.environ, **self.db.conninfo_env()}
+        out = subprocess.run(
+            [str(self.db.server.bin_dir / "pg_dump"), "--schema-only", "--no-owner"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        # pg_dump 18 adds \restrict lines with a random key to plain output.
+        return "\n".join(line for line in out.splitlines() if not line.startswith("\\"))
+
+    def data_fingerprint(self) -> dict[str, str]:
+        """A hash of every user table's rows, ordered, for before/after comparisons."""
+        tables = [
+            r[0]
+            for r in self.db.query(
+                "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
+            )
+        ]
+        prints = {}
+        for table in tables:
+            rows = self.db.query(f"SELECT t::text FROM {table} t ORDER BY t::text")
+            prints[table] = hashlib.sha256("\n".join(r[0] for r in rows).encode()).hexdigest()
+        return prints
+
+    def databases(self) -> list[str]:
+        return self.db.related_databases()
+
+    def files(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.workdir))
+            for p in self.workdir.rglob("*")
+            if "logs" not in p.parts
+        )
+
+
+def log_events(project: Project) -> list[dict[str, Any]]:
+    events = []
+    for path in sorted(project.log_dir.glob("*.log")):
+        events += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return events
