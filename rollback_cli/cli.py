@@ -84,7 +84,7 @@ def _truthy_env(name: str) -> bool:
 @click.group(
     cls=RootGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-    epilog=EXIT_CODE_HELP + "\n\n" + LEGACY_HELP,
+    epilog="\b\n" + EXIT_CODE_HELP + "\n\n\b\n" + LEGACY_HELP,
 )
 @click.option(
     "--database-url",

@@ -14,6 +14,24 @@ ACTIONS = ("--create-backup", "--list-backups", "--verify-backup", "--cleanup-ba
 # Options of the original script that belong to the action, not to the global group.
 _VALUE_FLAGS = ("--type", "--to-revision", "--backup-file", "--verify-backup", "--cleanup-backups")
 _ROLLBACK_TYPES = ("schema", "data", "full")
+# Options of the commands (not of the group) a legacy line may carry; they move after the
+# command. True: the option takes a value.
+_COMMAND_OPTIONS = {
+    "--strategy": True,
+    "--jobs": True,
+    "-j": True,
+    "--lock-timeout": True,
+    "--statement-timeout": True,
+    "--checks": True,
+    "--allow-cross-environment": False,
+    "--no-safety-backup": False,
+    "--format": True,
+    "--compress": True,
+    "--label": True,
+    "--keep-last": True,
+    "--keep-days": True,
+    "--restore-test": False,
+}
 
 
 def is_legacy(args: list[str]) -> bool:
@@ -35,6 +53,7 @@ def translate(args: list[str]) -> list[str]:
     values: dict[str, str] = {}
     flags: set[str] = set()
     rest: list[str] = []
+    tail: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -49,6 +68,13 @@ def translate(args: list[str]) -> list[str]:
                 raise UsageError(f"option {name} requires a value")
         elif name in ("--create-backup", "--list-backups", "--cleanup"):
             flags.add(name)
+        elif name in _COMMAND_OPTIONS:
+            tail.append(arg)
+            if _COMMAND_OPTIONS[name] and "=" not in arg:
+                if i + 1 >= len(args):
+                    raise UsageError(f"option {name} requires a value")
+                tail.append(args[i + 1])
+                i += 1
         else:
             rest.append(arg)
         i += 1
@@ -81,4 +107,4 @@ def translate(args: list[str]) -> list[str]:
             command += ["--to-revision", values["--to-revision"]]
         if "--backup-file" in values:
             command += ["--backup-file", values["--backup-file"]]
-    return rest + command
+    return rest + command + tail
