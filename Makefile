@@ -1,0 +1,89 @@
+# Set-up and entry points for db-rollback.
+#
+#   make test         lint, type-check and the whole test suite (PostgreSQL 15 + 18, SeaweedFS)
+#   make demo         a bad deploy and its rollback on a throwaway PostgreSQL 18 (scripts/demo.sh)
+#   make lint         ruff check, mypy
+#   make format-check ruff format --check (not yet part of lint: examples/ and scripts/action/)
+#   make image-test   build the container image and run it (scripts/image-test.sh)
+#   make bench        run the benchmarks in bench/
+#   make clean        stop the demo server, remove .demo/ and caches (never backups/ or logs/)
+#
+# Works on a fresh Debian machine: creates .venv, installs the package with its dev extras
+# (again only when pyproject.toml changes) and Debian's PostgreSQL 15 server, whose binaries
+# the tests need. Packages are installed as root, or through sudo when it exists.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG15_INITDB := /usr/lib/postgresql/15/bin/initdb
+PYTEST_ARGS ?=
+
+# apt-get install $(1), non-interactively; refresh the package lists and retry once when the
+# first attempt fails (a fresh machine or container usually has none).
+define apt_install
+	if [ "$$(id -u)" -eq 0 ]; then sudo=; \
+	elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	else echo "error: installing $(1) needs root or sudo" >&2; exit 1; fi; \
+	apt="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get"; \
+	echo "--> apt-get install $(1)"; \
+	$$apt install -y --no-install-recommends $(1) \
+		|| { $$apt update && $$apt install -y --no-install-recommends $(1); }
+endef
+
+.PHONY: help setup test lint format-check demo image-test bench clean
+
+help:
+	@sed -n '3,10s/^# \{0,1\}//p' Makefile
+
+setup: $(STAMP) $(PG15_INITDB)
+
+# Debian's python3 ships venv without ensurepip; that half lives in python3-venv.
+$(BIN)/python:
+	@if ! command -v $(PYTHON) >/dev/null 2>&1 \
+		|| ! $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1; then \
+		$(call apt_install,python3 python3-venv); \
+	fi
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check --quiet -e '.[dev]'
+	@touch $@
+
+$(PG15_INITDB):
+	@$(call apt_install,postgresql)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy rollback_cli
+
+format-check: $(STAMP)
+	$(BIN)/ruff format --check .
+
+test: lint $(PG15_INITDB)
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	scripts/demo.sh
+
+image-test: $(STAMP)
+	bash scripts/image-test.sh
+
+bench: $(STAMP) $(PG15_INITDB)
+	@shopt -s nullglob; benches=(bench/*.py); \
+	if [ $${#benches[@]} -eq 0 ]; then echo "no benchmarks in bench/"; exit 0; fi; \
+	for bench in "$${benches[@]}"; do \
+		case "$$(basename "$$bench")" in _*|conftest.py) continue ;; esac; \
+		echo "== $$bench"; PYTHONPATH=. $(BIN)/python "$$bench"; \
+	done
+
+clean:
+	@if [ -x $(BIN)/python ] && [ -d .demo/pg ]; then \
+		$(BIN)/python -m tests.servers stop --dir .demo/pg || true; fi
+	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
