@@ -12,7 +12,7 @@
 
 INSERT INTO orders (customer_id, amount, placed_at)
 SELECT c.ids[1 + g % cardinality(c.ids)],
-       ((g * 7919) % 100000) / 100.0,
+       ((g::bigint * 7919) % 100000) / 100.0,
        timestamptz '2024-06-01 00:00:00+00' + g * interval '1 minute'
 FROM generate_series(1, :rows) AS g,
      (SELECT array_agg(id ORDER BY id) AS ids FROM customers) AS c

@@ -251,6 +251,8 @@ def _plan_data(
     backup: _Backup,
     options: RollbackOptions,
     result: RollbackResult,
+    *,
+    validate: bool = True,
 ) -> None:
     db = target.conninfo.dbname
     if options.strategy == "swap":
@@ -314,9 +316,14 @@ def _plan_data(
         result.plan_step(
             "restore", f"{tool} into {db} (atomic; holds locks while it runs)" + owner_note
         )
+    if validate:
+        _plan_validate(options, result, "manifest row counts")
+
+
+def _plan_validate(options: RollbackOptions, result: RollbackResult, what: str) -> None:
     result.plan_step(
         "validate",
-        "connectivity, revision, manifest row counts"
+        f"connectivity, revision, {what}"
         + (f", checks in {options.checks_file}" if options.checks_file else ""),
     )
 
@@ -567,10 +574,15 @@ def rollback_full(
         "full", target.conninfo.dbname, revision_before=",".join(target.revisions) or None
     )
     with _verified_backup(settings, backup_ref, options) as backup:
-        _plan_data(settings, target, backup, options, result)
+        _plan_data(settings, target, backup, options, result, validate=False)
         from_revisions = backup.manifest.alembic_revisions
         schema_needed, config, resolved, url = _plan_full_schema(
             settings, target, to_revision, from_revisions, options, result
+        )
+        _plan_validate(
+            options,
+            result,
+            "Alembic revision after the downgrade" if schema_needed else "manifest row counts",
         )
         if settings.dry_run:
             return result
