@@ -14,6 +14,7 @@ Environment:
     ACTION_ARTIFACT_NAME                 artifact name chosen by the user, if any
     DATABASE_URL, PGPASSWORD             scrubbed from everything written
 
+Annotations (``::error::``, ``::notice::``) go to stdout, where the runner reads them.
 Only the standard library: this runs on the runner's python3, before or without db-rollback.
 """
 
@@ -42,15 +43,16 @@ EXIT_MEANING = {
 }
 # Commands whose result names a backup this run created (a rollback's is its safety backup).
 CREATES_BACKUP = {"backup", "rollback"}
+MAX_TABLE_ROWS = 50
 
 
-def secrets() -> list[str]:
+def find_secrets() -> list[str]:
     found: list[str] = []
     url = os.environ.get("DATABASE_URL", "")
     if url:
         found.append(url)
         try:
-            password = urlsplit(url).password
+            password = urlsplit(url.strip()).password
         except ValueError:
             password = None
         if password:
@@ -61,7 +63,7 @@ def secrets() -> list[str]:
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
-SECRETS = secrets()
+SECRETS = find_secrets()
 
 
 def scrub(text: str) -> str:
@@ -70,19 +72,39 @@ def scrub(text: str) -> str:
     return text
 
 
-def host_path(path: str | None) -> str | None:
-    """A path the CLI reported, as seen from the runner (absolute)."""
+def host_path(path: str) -> str:
+    """A path the CLI reported, as seen from the runner (absolute); URIs pass unchanged."""
     if not path or "://" in path:
         return path
-    host_dir = Path(os.environ.get("ACTION_HOST_DIR") or os.getcwd())
-    container_dir = os.environ.get("ACTION_CONTAINER_DIR")
+    host_dir = Path(os.environ.get("ACTION_HOST_DIR") or Path.cwd())
+    container_dir = os.environ.get("ACTION_CONTAINER_DIR", "").rstrip("/")
     if container_dir:
         if path == container_dir:
             return str(host_dir)
-        if path.startswith(container_dir.rstrip("/") + "/"):
-            return str(host_dir / path[len(container_dir.rstrip("/")) + 1 :])
+        if path.startswith(container_dir + "/"):
+            return str(host_dir / path[len(container_dir) + 1 :])
     candidate = Path(path)
     return str(candidate if candidate.is_absolute() else host_dir / candidate)
+
+
+def backup_location(doc: dict[str, Any]) -> str:
+    """The backup as a file on the runner when it is one, else as the CLI named it.
+
+    `backup create` names the local file; `backup verify` names the key in the storage, and
+    its ``file://`` URI says where that file is.
+    """
+    reported = str(doc.get("backup_file") or "")
+    if not reported:
+        return ""
+    local = host_path(reported)
+    if Path(local).exists():
+        return local
+    uri = str(doc.get("backup_uri") or "")
+    if uri.startswith("file://"):
+        from_uri = host_path(unquote(urlsplit(uri).path))
+        if Path(from_uri).exists():
+            return from_uri
+    return reported
 
 
 def load_result(path: Path, exit_code: int) -> dict[str, Any]:
@@ -116,8 +138,7 @@ def property_escape(text: str) -> str:
 def cell(value: Any) -> str:
     if value is None or value == "":
         return "—"
-    text = scrub(str(value)).replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
-    return text
+    return scrub(str(value)).replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
 
 
 def code(value: Any) -> str:
@@ -130,9 +151,9 @@ def write_outputs(outputs: dict[str, str]) -> None:
     target = os.environ.get("GITHUB_OUTPUT")
     if not target:
         return
-    with open(target, "a", encoding="utf-8") as fh:
-        for name, value in outputs.items():
-            value = scrub(value)
+    with Path(target).open("a", encoding="utf-8") as fh:
+        for name, raw in outputs.items():
+            value = scrub(raw)
             if "\n" in value:
                 delimiter = f"ghadelimiter_{uuid.uuid4().hex}"
                 fh.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
@@ -140,26 +161,101 @@ def write_outputs(outputs: dict[str, str]) -> None:
                 fh.write(f"{name}={value}\n")
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    shown = rows[:MAX_TABLE_ROWS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in shown]
+    if len(rows) > len(shown):
+        lines.append(
+            "| "
+            + " | ".join([f"… {len(rows) - len(shown)} more"] + [""] * (len(header) - 1))
+            + " |"
+        )
+    return lines
+
+
+def plan_section(doc: dict[str, Any]) -> list[str]:
+    plan = doc.get("plan")
+    if not isinstance(plan, list) or not plan:
+        return []
+    title = "What a real run would do" if doc.get("outcome") == "dry_run" else "Plan"
+    rows = [
+        [str(number), cell(item.get("step")), cell(item.get("detail"))]
+        if isinstance(item, dict)
+        else [str(number), cell(item), ""]
+        for number, item in enumerate(plan, start=1)
+    ]
+    return ["", f"#### {title}", "", *table(["#", "step", "detail"], rows)]
+
+
+def checks_section(doc: dict[str, Any]) -> list[str]:
+    """verify and validate report {check, ok, detail}; status reports {name, status, detail}."""
+    rows: list[list[str]] = []
+    for key in ("checks", "validation"):
+        items = doc.get(key)
+        if not isinstance(items, list):
+            continue
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            name = item.get("check") or item.get("name")
+            if "ok" in item:
+                state = "✅ ok" if item["ok"] else "❌ failed"
+            else:
+                status = str(item.get("status") or "")
+                state = {"ok": "✅ ok", "warning": "⚠️ warning"}.get(status, f"❌ {status}")
+            rows.append([cell(name), state, cell(item.get("detail"))])
+    restore_test = doc.get("restore_test")
+    if isinstance(restore_test, dict):
+        mismatches = restore_test.get("mismatches") or []
+        detail = (
+            f"scratch database {restore_test.get('database')}: {restore_test.get('tables')} "
+            f"tables, {restore_test.get('rows')} rows"
+        )
+        if mismatches:
+            rows.append(["restore test", "❌ failed", cell("; ".join(map(str, mismatches)))])
+        else:
+            rows.append(["restore test", "✅ ok", cell(detail + " match the manifest")])
+    if not rows:
+        return []
+    return ["", "#### Checks", "", *table(["check", "result", "detail"], rows)]
+
+
+def backups_section(doc: dict[str, Any]) -> list[str]:
+    backups = doc.get("backups")
+    if not isinstance(backups, list) or not backups:
+        return []
+    rows = [
+        [
+            code(item.get("name") or item.get("file") or item.get("key")),
+            cell(item.get("created_at")),
+            cell(item.get("type")),
+            code(item.get("alembic_revision")),
+            cell(item.get("size")),
+            "✅" if item.get("valid") else f"❌ {cell(item.get('problem'))}",
+        ]
+        for item in backups
+        if isinstance(item, dict)
+    ]
+    header = ["backup", "created", "type", "revision", "bytes", "valid"]
+    return ["", "#### Backups", "", *table(header, rows)]
+
+
 def summary_markdown(doc: dict[str, Any], exit_code: int, outputs: dict[str, str]) -> str:
     outcome = str(doc.get("outcome") or "error")
     command = doc.get("command") or os.environ.get("ACTION_COMMAND", "")
     environment = doc.get("environment") or "—"
     mark = "✅" if outcome in OUTCOMES_OK else ("⚠️" if outcome == "refused" else "❌")
-    lines = [
-        f"### {mark} db-rollback {cell(command)} · {cell(environment)}",
-        "",
-    ]
+    lines = [f"### {mark} db-rollback {cell(command)} · {cell(environment)}", ""]
     if outcome == "dry_run":
-        lines.append("**Dry run: nothing was changed.**")
-        lines.append("")
+        lines += ["**Dry run: nothing was changed.**", ""]
     if outcome == "manual_attention":
-        lines.append(
+        lines += [
             "> [!CAUTION]\n> The operation failed after a change began. The database needs "
             "manual attention: read the log file (uploaded with this run's artifacts), which "
-            "says what state things are in and how to recover."
-        )
-        lines.append("")
-    lines += ["| | |", "|---|---|"]
+            "says what state things are in and how to recover.",
+            "",
+        ]
     rows = [
         ("outcome", code(outcome)),
         ("exit code", f"{exit_code} ({EXIT_MEANING.get(exit_code, 'unknown')})"),
@@ -173,55 +269,37 @@ def summary_markdown(doc: dict[str, Any], exit_code: int, outputs: dict[str, str
         ("log file", code(outputs.get("log-file"))),
         ("run id", code(doc.get("run_id"))),
     ]
+    lines += ["| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows if value != "—"]
-    plan = doc.get("plan")
-    if isinstance(plan, list) and plan:
-        lines += ["", "#### Plan" if outcome != "dry_run" else "#### What a real run would do", ""]
-        lines += ["| # | step | detail |", "|---|---|---|"]
-        for number, item in enumerate(plan, start=1):
-            if isinstance(item, dict):
-                lines.append(f"| {number} | {cell(item.get('step'))} | {cell(item.get('detail'))} |")
-            else:
-                lines.append(f"| {number} | {cell(item)} | |")
-    backups = doc.get("backups")
-    if isinstance(backups, list) and backups:
-        lines += ["", "#### Backups", "", "| file | created | type | valid |", "|---|---|---|---|"]
-        for item in backups[:50]:
-            if isinstance(item, dict):
-                name = item.get("file") or item.get("name") or item.get("key")
-                lines.append(
-                    f"| {code(name)} | {cell(item.get('created_at'))} | {cell(item.get('type'))}"
-                    f" | {cell(item.get('valid'))} |"
-                )
-        if len(backups) > 50:
-            lines.append(f"| … {len(backups) - 50} more | | | |")
+    lines += plan_section(doc) + checks_section(doc) + backups_section(doc)
+    warnings = doc.get("warnings")
+    if isinstance(warnings, list) and warnings:
+        lines += ["", "#### Warnings", ""] + [f"- {cell(w)}" for w in warnings]
     lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def artifact_name(doc: dict[str, Any]) -> str:
     chosen = os.environ.get("ACTION_ARTIFACT_NAME", "").strip()
-    if chosen:
-        return chosen
     parts = [
         "db-rollback",
-        str(doc.get("environment") or os.environ.get("INPUT_ENVIRONMENT") or "unknown"),
+        str(doc.get("environment") or os.environ.get("DB_ROLLBACK_ENVIRONMENT") or "unknown"),
         os.environ.get("ACTION_COMMAND") or "run",
         str(doc.get("run_id") or uuid.uuid4().hex[:12]),
     ]
     # Artifact names may not hold these characters.
-    return re.sub(r'[":<>|*?\\/\r\n]+', "-", "-".join(parts))
+    return re.sub(r'[":<>|*?\\/\r\n]+', "-", chosen or "-".join(parts))
 
 
-def artifact_paths(doc: dict[str, Any], outputs: dict[str, str]) -> list[str]:
+def artifact_paths(outputs: dict[str, str]) -> list[str]:
     paths: list[str] = []
     log_file = outputs.get("log-file")
     if log_file and Path(log_file).is_file():
         paths.append(log_file)
-    backup_file = outputs.get("backup-file")
-    if os.environ.get("ACTION_COMMAND") in CREATES_BACKUP and backup_file and "://" not in backup_file:
+    backup_file = outputs.get("backup-file", "")
+    if os.environ.get("ACTION_COMMAND") in CREATES_BACKUP and backup_file:
         backup_path = Path(backup_file)
-        if backup_path.exists():
+        if backup_path.is_absolute() and backup_path.exists():
             paths.append(str(backup_path))
             manifest = backup_path.with_name(backup_path.name + ".json")
             if manifest.is_file():
@@ -229,45 +307,52 @@ def artifact_paths(doc: dict[str, Any], outputs: dict[str, str]) -> list[str]:
     return paths
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: report.py RESULT_JSON EXIT_CODE", file=sys.stderr)
-        return 2
-    result_path, exit_code = Path(argv[1]), int(argv[2])
-    doc = load_result(result_path, exit_code)
+def annotation(doc: dict[str, Any], exit_code: int) -> str | None:
     outcome = str(doc.get("outcome") or "error")
+    command = doc.get("command") or os.environ.get("ACTION_COMMAND", "")
+    title = property_escape(f"db-rollback {command}: {outcome}")
+    if exit_code != 0 or outcome not in OUTCOMES_OK:
+        message = scrub(str(doc.get("message") or EXIT_MEANING.get(exit_code, "failed")))
+        return f"::error title={title}::{annotation_escape(message)}"
+    if outcome == "dry_run":
+        return f"::notice title={title}::dry run, nothing was changed"
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or not argv[2].lstrip("-").isdigit():
+        sys.stderr.write("usage: report.py RESULT_JSON EXIT_CODE\n")
+        return 2
+    exit_code = int(argv[2])
+    doc = load_result(Path(argv[1]), exit_code)
 
     def text(key: str) -> str:
         value = doc.get(key)
         return "" if value is None else str(value)
 
     outputs = {
-        "outcome": outcome,
+        "outcome": str(doc.get("outcome") or "error"),
         "exit-code": str(exit_code),
         "run-id": text("run_id"),
-        "backup-file": host_path(text("backup_file")) or "",
+        "backup-file": backup_location(doc),
         "backup-sha256": text("backup_sha256"),
         "backup-uri": text("backup_uri"),
         "revision-before": text("revision_before"),
         "revision-after": text("revision_after"),
-        "log-file": host_path(text("log_file")) or "",
+        "log-file": host_path(text("log_file")),
+        "artifact-name": artifact_name(doc),
     }
-    outputs["artifact-name"] = artifact_name(doc)
-    outputs["artifact-paths"] = "\n".join(artifact_paths(doc, outputs))
+    outputs["artifact-paths"] = "\n".join(artifact_paths(outputs))
     write_outputs(outputs)
 
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
-        with open(summary_file, "a", encoding="utf-8") as fh:
+        with Path(summary_file).open("a", encoding="utf-8") as fh:
             fh.write(summary_markdown(doc, exit_code, outputs))
 
-    command = doc.get("command") or os.environ.get("ACTION_COMMAND", "")
-    message = scrub(str(doc.get("message") or EXIT_MEANING.get(exit_code, "failed")))
-    title = f"db-rollback {command}: {outcome}"
-    if exit_code != 0 or outcome not in OUTCOMES_OK:
-        print(f"::error title={property_escape(title)}::{annotation_escape(message)}")
-    elif outcome == "dry_run":
-        print(f"::notice title={property_escape(title)}::dry run, nothing was changed")
+    line = annotation(doc, exit_code)
+    if line:
+        sys.stdout.write(line + "\n")
     return 0
 
 
