@@ -474,3 +474,58 @@ def test_legacy_rollback_command_lines(project15: Project) -> None:
     schema = project.run("--type", "schema", "--to-revision", REV_CREATE)
     assert schema.exit_code == 0, schema.stderr
     assert project.revision() == REV_CREATE
+
+
+def _break_downgrade(alembic_ini: Path, revision_file: str, per_migration: bool) -> None:
+    """Make one downgrade fail; optionally commit each migration on its own."""
+    versions = alembic_ini.parent / "migrations" / "versions"
+    path = next(versions.glob(f"{revision_file}_*.py"))
+    text = path.read_text()
+    text = text.replace(
+        "def downgrade() -> None:\n", "def downgrade() -> None:\n    op.execute('SELECT 1/0')\n"
+    )
+    path.write_text(text)
+    if per_migration:
+        env = alembic_ini.parent / "migrations" / "env.py"
+        env.write_text(
+            env.read_text().replace(
+                "context.configure(connection=connection, target_metadata=target_metadata)",
+                "context.configure(connection=connection, target_metadata=target_metadata, "
+                "transaction_per_migration=True)",
+            )
+        )
+
+
+def test_failing_downgrade_in_one_transaction_leaves_schema_unchanged(
+    project15: Project,
+) -> None:
+    project = project15
+    project.upgrade(REV_DROP_EMAIL)
+    schema = project.schema_dump()
+    _break_downgrade(project.alembic_ini, REV_TIER, per_migration=False)
+
+    result, doc = project.run_json("rollback", "schema", "--to-revision", REV_SEED)
+    assert result.exit_code == 5, result.stderr
+    assert "database unchanged" in doc["message"]
+    assert "division by zero" in doc["message"]
+    assert project.revision() == REV_DROP_EMAIL
+    assert project.schema_dump() == schema
+
+
+def test_downgrade_failing_after_a_committed_step_needs_manual_attention(
+    project15: Project,
+) -> None:
+    project = project15
+    project.upgrade(REV_DROP_EMAIL)
+    _break_downgrade(project.alembic_ini, REV_TIER, per_migration=True)
+
+    result, doc = project.run_json("rollback", "schema", "--to-revision", REV_SEED)
+    assert result.exit_code == 6, result.stderr
+    # The message names where the database is now, where it was and the way back.
+    assert f"now at revision {REV_TIER}" in doc["message"]
+    assert f"was {REV_DROP_EMAIL}" in doc["message"]
+    assert "safety backup" in doc["message"]
+    assert project.revision() == REV_TIER
+    events = log_events(project)
+    assert events[-1]["event"] == "audit"
+    assert events[-1]["exit_code"] == 6
