@@ -179,12 +179,14 @@ def _truthy_env(name: str) -> bool:
     "--keep-local",
     is_flag=True,
     envvar="DB_ROLLBACK_KEEP_LOCAL",
+    show_envvar=True,
     help="Keep the local copy after uploading to remote storage.",
 )
 @click.option(
     "--dry-run",
     is_flag=True,
     envvar="DB_ROLLBACK_DRY_RUN",
+    show_envvar=True,
     help="Run every read-only check and print the plan; change nothing.",
 )
 @click.option(
@@ -192,6 +194,7 @@ def _truthy_env(name: str) -> bool:
     "-y",
     is_flag=True,
     envvar="DB_ROLLBACK_YES",
+    show_envvar=True,
     help="Confirm operations in protected environments without a prompt.",
 )
 @click.option(
