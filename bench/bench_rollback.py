@@ -114,7 +114,7 @@ def prepare(server: PostgresCluster, dbname: str, rows: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=2_500_000, help="generated orders")
+    parser.add_argument("--rows", type=int, default=3_000_000, help="generated orders")
     parser.add_argument("--major", type=int, choices=(15, 18), default=15)
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
