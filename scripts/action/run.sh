@@ -35,13 +35,15 @@ fail_input() {
 warn() { echo "::warning title=db-rollback::$(annotation_escape "$*")"; }
 
 lower() { printf '%s' "${1,,}"; }
+# boolean_input VAR NAME VALUE: VAR=true|false, or fail. It sets VAR instead of printing, so
+# its ::error:: line is never swallowed by a command substitution.
 boolean_input() {
-    local name=$1 value
-    value=$(lower "${2:-}")
+    local value
+    value=$(lower "${3:-}")
     case "$value" in
-        true | false) printf '%s' "$value" ;;
-        '') printf 'false' ;;
-        *) fail_input "$name must be 'true' or 'false', not '$2'" ;;
+        true | false) printf -v "$1" '%s' "$value" ;;
+        '') printf -v "$1" 'false' ;;
+        *) fail_input "$2 must be 'true' or 'false', not '$3'" ;;
     esac
 }
 
@@ -86,9 +88,10 @@ type=$(lower "${INPUT_TYPE:-}")
 environment=${INPUT_ENVIRONMENT:-staging}
 to_revision=${INPUT_TO_REVISION:-}
 backup_file=${INPUT_BACKUP_FILE:-}
-dry_run=$(boolean_input dry-run "${INPUT_DRY_RUN:-false}")
-yes=$(boolean_input yes "${INPUT_YES:-false}")
-boolean_input upload-artifacts "${INPUT_UPLOAD_ARTIFACTS:-true}" > /dev/null
+dry_run=false yes=false upload_artifacts=true
+boolean_input dry_run dry-run "${INPUT_DRY_RUN:-false}"
+boolean_input yes yes "${INPUT_YES:-false}"
+boolean_input upload_artifacts upload-artifacts "${INPUT_UPLOAD_ARTIFACTS:-true}"
 runtime=$(lower "${INPUT_RUNTIME:-docker}")
 image=${INPUT_IMAGE:-ghcr.io/opssight/db-rollback:v1}
 working_directory=${INPUT_WORKING_DIRECTORY:-.}
@@ -147,6 +150,9 @@ fi
 [[ -d $working_directory ]] || fail_input "working-directory '$working_directory' does not exist"
 cd "$working_directory"
 host_dir=$(pwd -P)
+
+# The upload step reads the normalised value, whatever happens below.
+[[ -n ${GITHUB_OUTPUT:-} ]] && echo "upload-artifacts=$upload_artifacts" >> "$GITHUB_OUTPUT"
 
 # extra-args: split like a shell would (quotes group words) but never evaluated.
 extra_args=()
