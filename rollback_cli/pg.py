@@ -121,7 +121,11 @@ def _candidate_dirs(pg_bin_dir: Path | None) -> list[tuple[str, Path]]:
         ]
     on_path = shutil.which("pg_dump")
     if on_path:
-        candidates.append(("PATH", Path(on_path).resolve().parent))
+        # A symlink into an installation (Homebrew) resolves to a bin dir holding pg_restore
+        # and psql too; Debian's /usr/bin/pg_dump resolves to pg_wrapper, so keep /usr/bin.
+        resolved = Path(on_path).resolve().parent
+        directory = resolved if (resolved / "pg_dump").is_file() else Path(on_path).parent
+        candidates.append(("PATH", directory))
     return candidates
 
 
