@@ -26,11 +26,13 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -41,6 +43,7 @@ from rollback_cli.storage.base import (
     Storage,
     StoredObject,
     join_key,
+    sha256_file,
     sha256_tree,
 )
 
@@ -99,44 +102,26 @@ def _redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
-class _LocalFile:
-    """A file about to be uploaded, with the checksums S3 should end up reporting."""
+class _Sent:
+    """What one file upload sent, to be compared with what S3 reports."""
 
-    path: Path
     object_key: str
     size: int
     sha256: str
-    server_checksum: str  # S3's ChecksumSHA256: full-object, or composite "…-N"
+    crc32: str  # S3's ChecksumCRC32: whole object, or composite "...-N" for multipart
 
 
-def _hash_file(
-    path: Path, object_key: str, part_size: int, feed: Callable[[bytes], object] | None = None
-) -> _LocalFile:
-    """One read of ``path``: whole-file SHA-256, per-part SHA-256s; ``feed`` sees the bytes."""
-    whole = hashlib.sha256()
-    part = hashlib.sha256()
-    part_digests: list[bytes] = []
-    part_filled = 0
-    size = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(min(CHUNK_SIZE, part_size - part_filled)):
-            whole.update(chunk)
-            part.update(chunk)
-            if feed is not None:
-                feed(chunk)
-            size += len(chunk)
-            part_filled += len(chunk)
-            if part_filled == part_size:
-                part_digests.append(part.digest())
-                part, part_filled = hashlib.sha256(), 0
-    if part_filled:
-        part_digests.append(part.digest())
-    if size >= part_size:  # the transfer manager switches to multipart at this size
-        composite = hashlib.sha256(b"".join(part_digests)).digest()
-        server_checksum = f"{_b64(composite)}-{len(part_digests)}"
-    else:
-        server_checksum = _b64(whole.digest())
-    return _LocalFile(path, object_key, size, whole.hexdigest(), server_checksum)
+def _crc32_b64(value: int) -> str:
+    return _b64(value.to_bytes(4, "big"))
+
+
+def _read_part(handle: BinaryIO, size: int) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    while remaining and (chunk := handle.read(remaining)):
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class S3Storage(Storage):
@@ -362,7 +347,7 @@ class S3Storage(Storage):
     # -- upload --------------------------------------------------------------------
 
     def _put_args(self, *, artifact: bool) -> dict[str, Any]:
-        args: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"}
+        args: dict[str, Any] = {}
         if self._sse:
             args["ServerSideEncryption"] = self._sse
         if self._kms_key_id:
@@ -374,7 +359,15 @@ class S3Storage(Storage):
         return args
 
     def upload(self, source: Path, key: str, *, sha256: str | None = None) -> None:
-        """Upload a file or a directory; ``sha256`` is ``sha256_artifact(source)``."""
+        """Upload a file or a directory; ``sha256`` is ``sha256_artifact(source)``.
+
+        A file's SHA-256 is stored as object metadata, so it must be known before the first
+        byte is sent: the caller's (``backup create`` hashes the dump while it streams) or
+        one read of the file here. The upload then reads the file once more, in parts,
+        with a bounded pool sending them: memory stays at about ``max_concurrency`` parts
+        whatever the file size. Each part carries a CRC32 that S3 checks on receipt, and
+        afterwards S3's size, metadata and composite CRC32 must match what was sent.
+        """
         object_key = self._object_key(key)
         started = time.monotonic()
         if source.is_dir():
@@ -382,91 +375,132 @@ class S3Storage(Storage):
             part_size = choose_part_size(
                 max((p.stat().st_size for p in paths), default=0), self._min_part_size
             )
-            tree = hashlib.sha256()
-            files = []
-            for path in paths:
-                name = path.relative_to(source).as_posix()
-                tree.update(len(name.encode()).to_bytes(4, "big") + name.encode())
-                files.append(_hash_file(path, f"{object_key}/{name}", part_size, tree.update))
-            actual = tree.hexdigest()
+            targets = [
+                (path, f"{object_key}/{path.relative_to(source).as_posix()}", sha256_file(path))
+                for path in paths
+            ]
+            if sha256 is not None and sha256_tree(source) != sha256:
+                raise BackupError(f"{source} does not match its recorded checksum; not uploading")
         else:
             part_size = choose_part_size(source.stat().st_size, self._min_part_size)
-            files = [_hash_file(source, object_key, part_size)]
-            actual = files[0].sha256
-        if sha256 is not None and actual != sha256:
-            raise BackupError(f"{source} does not match its recorded checksum; not uploading it")
+            targets = [(source, object_key, sha256 or sha256_file(source))]
+        sent: list[_Sent] = []
         with self._errors("upload"):
             try:
-                self._transfer(files, part_size)
-                verified = [self._verify(local) for local in files]
+                for path, target_key, file_sha256 in targets:
+                    sent.append(self._upload_file(path, target_key, file_sha256, part_size))
+                    self._verify(path, sent[-1])
                 if source.is_dir():
-                    self._delete_stale(object_key, {f.object_key for f in files})
+                    self._delete_stale(object_key, {s.object_key for s in sent})
             except BaseException as exc:
                 if not _is_connection_error(exc):
-                    self._discard([f.object_key for f in files])
+                    self._discard([target_key for _, target_key, _ in targets])
                 raise
         seconds = time.monotonic() - started
-        size = sum(f.size for f in files)
+        size = sum(s.size for s in sent)
         log.info(
-            "s3.upload",
+            "s3 upload",
             uri=self.uri(key),
             bytes=size,
-            files=len(files),
+            files=len(sent),
             part_size=part_size,
             seconds=round(seconds, 3),
-            mb_per_s=round(size / MiB / seconds, 1) if seconds else None,
-            verified="server-checksum" if all(verified) else "size+metadata",
+            mib_per_s=round(size / MiB / seconds, 1) if seconds else None,
         )
 
-    def _transfer(self, files: list[_LocalFile], part_size: int) -> None:
-        from s3transfer.manager import TransferConfig, TransferManager
-
-        config = TransferConfig(
-            multipart_threshold=part_size,
-            multipart_chunksize=part_size,
-            max_request_concurrency=self._max_concurrency,
-            # Uploads from a path read each part lazily from disk; short queues keep the
-            # number of pending parts (and open files) independent of the file size.
-            max_request_queue_size=self._max_concurrency * 2,
-            max_submission_queue_size=self._max_concurrency * 2,
-            max_in_memory_upload_chunks=self._max_concurrency,
+    def _upload_file(self, path: Path, object_key: str, sha256: str, part_size: int) -> _Sent:
+        """Send one file: a single PUT below ``part_size``, else a multipart upload."""
+        extra = {**self._put_args(artifact=True), "Metadata": {"sha256": sha256}}
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size >= part_size:
+                return self._multipart(handle, object_key, sha256, part_size, extra)
+            data = _read_part(handle, size)
+        crc = _crc32_b64(zlib.crc32(data))
+        self._client.put_object(
+            Bucket=self.bucket, Key=object_key, Body=data, ChecksumCRC32=crc, **extra
         )
-        with TransferManager(self._client, config) as manager:
-            futures = [
-                manager.upload(
-                    str(local.path),
-                    self.bucket,
-                    local.object_key,
-                    extra_args={
-                        **self._put_args(artifact=True),
-                        "Metadata": {"sha256": local.sha256},
-                    },
+        return _Sent(object_key, len(data), sha256, crc)
+
+    def _multipart(
+        self,
+        handle: BinaryIO,
+        object_key: str,
+        sha256: str,
+        part_size: int,
+        extra: dict[str, Any],
+    ) -> _Sent:
+        created = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=object_key, ChecksumAlgorithm="CRC32", **extra
+        )
+        upload_id = str(created["UploadId"])
+        parts: dict[int, dict[str, Any]] = {}
+        size = 0
+
+        def send(number: int, data: bytes) -> None:
+            # zlib releases the GIL on large buffers: parts are checksummed in parallel.
+            crc = _crc32_b64(zlib.crc32(data))
+            response = self._client.upload_part(
+                Bucket=self.bucket,
+                Key=object_key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumCRC32=crc,
+            )
+            parts[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
+
+        try:
+            with ThreadPoolExecutor(self._max_concurrency, thread_name_prefix="s3-part") as pool:
+                pending: set[Future[None]] = set()
+                number = 0
+                while data := _read_part(handle, part_size):
+                    number += 1
+                    size += len(data)
+                    pending.add(pool.submit(send, number, data))
+                    del data
+                    if len(pending) >= self._max_concurrency:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                for future in pending:
+                    future.result()
+            ordered = [parts[n] for n in sorted(parts)]
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=object_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": ordered},
+            )
+        except BaseException:
+            # Best effort (the server may be gone); cleanup-artifacts aborts what is left.
+            with contextlib.suppress(Exception):
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=object_key, UploadId=upload_id
                 )
-                for local in files
-            ]
-            for future in futures:
-                future.result()
+            raise
+        composite = zlib.crc32(b"".join(base64.b64decode(p["ChecksumCRC32"]) for p in ordered))
+        return _Sent(object_key, size, sha256, f"{_crc32_b64(composite)}-{len(ordered)}")
 
-    def _verify(self, local: _LocalFile) -> bool:
-        """Check what S3 stored; True when the server's own checksum was compared."""
-        head = self._head(local.object_key, checksums=True)
+    def _verify(self, path: Path, sent: _Sent) -> None:
+        """Check what S3 stored against what was sent: size, sha256 metadata, CRC32."""
+        head = self._head(sent.object_key, checksums=True)
         problems = []
         if head is None:
             problems.append("the object is missing after upload")
         else:
-            if int(head["ContentLength"]) != local.size:
-                problems.append(f"size {head['ContentLength']} instead of {local.size}")
-            if head.get("Metadata", {}).get("sha256") != local.sha256:
+            if int(head["ContentLength"]) != sent.size:
+                problems.append(f"size {head['ContentLength']} instead of {sent.size}")
+            if head.get("Metadata", {}).get("sha256") != sent.sha256:
                 problems.append("sha256 metadata differs")
-            stored = head.get("ChecksumSHA256")
-            if stored is not None and stored != local.server_checksum:
-                problems.append("the server's SHA-256 checksum differs")
+            stored = head.get("ChecksumCRC32")
+            if stored is not None and stored != sent.crc32:
+                problems.append(f"the server's CRC32 checksum {stored} differs from {sent.crc32}")
         if problems:
             raise BackupError(
-                f"upload of {local.path} to s3://{self.bucket}/{local.object_key} failed "
+                f"upload of {path} to s3://{self.bucket}/{sent.object_key} failed "
                 f"verification: {'; '.join(problems)}"
             )
-        return head is not None and head.get("ChecksumSHA256") is not None
 
     def _delete_stale(self, object_key: str, keep: set[str]) -> None:
         stale = [i["Key"] for i in self._iter_objects(object_key + "/") if i["Key"] not in keep]
@@ -592,7 +626,6 @@ class S3Storage(Storage):
         data = text.encode("utf-8")
         digest = hashlib.sha256(data)
         args = self._put_args(artifact=False)
-        del args["ChecksumAlgorithm"]
         with self._errors("write"):
             self._client.put_object(
                 Bucket=self.bucket,
