@@ -65,10 +65,10 @@ class BackupRequest:
                 "--jobs > 1 needs --format directory (pg_dump dumps in parallel only then)"
             )
         if self.compress is not None:
-            method, _, level = self.compress.partition(":")
-            if method.isdigit() and not level:
+            method, colon, level = self.compress.partition(":")
+            if method.isdigit() and not colon:
                 return
-            if method not in COMPRESS_METHODS or (level and not level.isdigit()):
+            if method not in COMPRESS_METHODS or (colon and not level.isdigit()):
                 raise UsageError(
                     f"cannot read --compress {self.compress!r}: use METHOD[:LEVEL] with METHOD "
                     "gzip, lz4, zstd or none, or a level 0-9"
@@ -344,8 +344,13 @@ def _run_pg_dump(
     directory = request.fmt == "directory"
     argv = pg_dump_argv(tools, request, snapshot, temp_path if directory else None)
     with pg.child_environment(conninfo) as env, tempfile.TemporaryFile() as stderr_file:
+        # umask 077: the files pg_dump creates itself (directory format) are private too.
         process = subprocess.Popen(
-            argv, stdout=None if directory else subprocess.PIPE, stderr=stderr_file, env=env
+            argv,
+            stdout=None if directory else subprocess.PIPE,
+            stderr=stderr_file,
+            env=env,
+            umask=0o077,
         )
         if counter is not None:
             counter.start()
@@ -374,9 +379,10 @@ def _run_pg_dump(
             if counter is not None:
                 counter.join()
         if process.returncode != 0:
-            raise OperationFailed(
-                f"pg_dump failed (exit {process.returncode}): {_error_tail(stderr_file)}"
-            )
+            reason = _error_tail(stderr_file)
+            if "invalid compression specification" in reason:
+                raise UsageError(f"--compress {request.compress}: {reason}")
+            raise OperationFailed(f"pg_dump failed (exit {process.returncode}): {reason}")
         if counter is not None and counter.error is not None:
             raise OperationFailed(f"counting rows failed: {pg._first_line(counter.error)}")
     if directory:

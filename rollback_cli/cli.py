@@ -480,7 +480,14 @@ def backup_list(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
             entries = list_backups(storage)
         finally:
             storage.close()
-        return {"outcome": "success", "backups": [e.to_dict() for e in entries]}
+        now = time.time()
+        rows = []
+        for entry in entries:
+            row = entry.to_dict()
+            created = entry.created
+            row["age_seconds"] = max(0, round(now - created.timestamp())) if created else None
+            rows.append(row)
+        return {"outcome": "success", "backups": rows}
 
     def render(doc: dict[str, Any]) -> None:
         from datetime import datetime

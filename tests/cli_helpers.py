@@ -229,7 +229,7 @@ def seed_shop(db: TestDatabase, customers: int = 50, orders: int = 500) -> dict[
 
 def table_counts(db: TestDatabase, dbname: str | None = None) -> dict[str, int]:
     rows = db.server.query(
-        "SELECT format('%%s.%%s', schemaname, relname) FROM pg_stat_user_tables ORDER BY 1",
+        "SELECT format('%s.%s', schemaname, relname) FROM pg_stat_user_tables ORDER BY 1",
         dbname=dbname or db.name,
     )
     counts = {}
