@@ -97,10 +97,19 @@ def backup_name(
 def _unique_name(name: str, staging: Path, storage: Storage) -> str:
     stem, dot, ext = name.rpartition(".")
     candidate, counter = name, 1
-    while (staging / candidate).exists() or storage.stat(candidate) is not None:
+    while (
+        any((staging / taken).exists() for taken in _claimed_names(candidate))
+        or storage.stat(candidate) is not None
+        or storage.stat(manifest_key(candidate)) is not None
+    ):
         candidate = f"{stem}_{counter}{dot}{ext}"
         counter += 1
     return candidate
+
+
+def _claimed_names(name: str) -> tuple[str, ...]:
+    """The names a backup called ``name`` occupies in the staging directory."""
+    return (name, f"{TEMP_PREFIX}{name}", manifest_key(name))
 
 
 def compress_args(spec: str | None, client_major: int) -> list[str]:
@@ -306,10 +315,16 @@ def _create(
             try:
                 storage.upload(final_path, name, sha256=sha256 if final_path.is_file() else None)
                 storage.write_text(manifest_key(name), manifest.to_json())
-            except BaseException:
+            except BaseException as exc:
                 if storage.local_path(name) != final_path.resolve():
                     storage.delete(name)
                 _remove(final_path)
+                if isinstance(exc, OSError):
+                    # The manifest is written atomically: when writing it failed, there is none.
+                    reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+                    raise OperationFailed(
+                        f"cannot store the backup {name}: {reason}; partial files removed"
+                    ) from None
                 raise
         local_path: Path | None = final_path
         if storage.local_path(name) is None:
