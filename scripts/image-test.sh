@@ -319,6 +319,24 @@ EOF_CONF
     for _ in $(seq 50); do [[ -S $socket ]] && break; sleep 0.2; done
     [[ -S $socket ]] || { cat "$cache/podman-service.log" >&2; die "podman system service did not start"; }
 
+    # act fetches every action a composite action names, even one whose `if:` is false, and
+    # actions/upload-artifact cannot be fetched offline. ci.yml skips uploads under act; this
+    # stand-in only satisfies the fetch, and fails the job if it is ever run.
+    local stub=$cache/act-stubs/upload-artifact upload_ref
+    upload_ref=$(grep -oE 'actions/upload-artifact@[0-9a-f]{40}' "$repo/action.yml" | head -n1)
+    mkdir -p "$stub"
+    cat > "$stub/action.yml" <<'EOF_STUB'
+name: upload-artifact stand-in
+description: Satisfies act's fetch offline; never meant to run.
+runs:
+  using: composite
+  steps:
+    - shell: bash
+      run: |
+        echo "::error::actions/upload-artifact is not available in an offline act run"
+        exit 1
+EOF_STUB
+
     # The self-test's migration and backups go to .self-test/ in the checkout (bound into the
     # job container at the same path, which is also what the image's `docker run -v` mounts).
     local status=0
@@ -326,6 +344,7 @@ EOF_CONF
         -W .github/workflows/ci.yml -j self-test \
         -P ubuntu-24.04=localhost/db-rollback-act-runner:bookworm \
         --pull=false --bind --action-offline-mode \
+        --local-repository "$upload_ref=$stub" \
         --var SELF_TEST_IMAGE="$image" \
         --var SELF_TEST_POSTGRES_IMAGE=localhost/db-rollback-act-postgres:bookworm) \
         > "$cache/act.log" 2>&1 || status=$?

@@ -392,7 +392,8 @@ def test_verify_with_restore_test_reports_its_checks(
         command="verify",
         environment="ci",
         database_url=database.url,
-        backup_file=created.outputs["backup-file"],
+        # The backup-uri output of the backup step, as a workflow would chain them.
+        backup_file=created.outputs["backup-uri"],
         working_directory=str(project),
         runtime="python",
         extra_args="--restore-test",
@@ -508,8 +509,9 @@ def test_bad_input_is_an_error_annotation(
     assert_no_password(run, database.url)
 
 
+@pytest.mark.parametrize("backup_ref", ["path", "uri"])
 def test_docker_runtime_passes_credentials_by_name_only(
-    runner: ActionRunner, project: Path, database: TestDatabase, tmp_path: Path
+    runner: ActionRunner, project: Path, database: TestDatabase, tmp_path: Path, backup_ref: str
 ) -> None:
     """The docker branch's command line, read by a `docker` on PATH that records its argv.
 
@@ -535,7 +537,7 @@ def test_docker_runtime_passes_credentials_by_name_only(
         type="data",
         environment="ci",
         database_url=database.url,
-        backup_file=str(backup_path),
+        backup_file=str(backup_path) if backup_ref == "path" else backup_path.as_uri(),
         working_directory=str(project),
         image="localhost/db-rollback:test",
     )

@@ -87,6 +87,13 @@ def host_path(path: str) -> str:
     return str(candidate if candidate.is_absolute() else host_dir / candidate)
 
 
+def host_uri(uri: str) -> str:
+    """A ``file://`` URI the CLI reported, pointing at the runner's file (docker runtime)."""
+    if not uri.startswith("file://"):
+        return uri
+    return Path(host_path(unquote(urlsplit(uri).path))).as_uri()
+
+
 def backup_location(doc: dict[str, Any]) -> str:
     """The backup as a file on the runner when it is one, else as the CLI named it.
 
@@ -336,7 +343,7 @@ def main(argv: list[str]) -> int:
         "run-id": text("run_id"),
         "backup-file": backup_location(doc),
         "backup-sha256": text("backup_sha256"),
-        "backup-uri": text("backup_uri"),
+        "backup-uri": host_uri(text("backup_uri")),
         "revision-before": text("revision_before"),
         "revision-after": text("revision_after"),
         "log-file": host_path(text("log_file")),

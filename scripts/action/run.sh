@@ -174,7 +174,12 @@ sys.stdout.write("".join(word + "\0" for word in words))
 fi
 
 # A backup named by a path on the runner must be reachable inside the container: paths
-# under the working directory are rewritten relative to it, others are refused.
+# under the working directory are rewritten relative to it, others are refused. A file://
+# URI (the backup-uri output of an earlier step) is a path too.
+if [[ $backup_file == file://* ]]; then
+    backup_file=$(python3 -c 'import sys; from urllib.parse import unquote, urlsplit
+print(unquote(urlsplit(sys.argv[1]).path))' "$backup_file")
+fi
 if [[ $runtime == docker && $backup_file == /* ]]; then
     if [[ $backup_file == "$host_dir"/* ]]; then
         backup_file=${backup_file#"$host_dir"/}
