@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ class StatusReport:
 
 def preflight(settings: Settings) -> StatusReport:
     """Run every check; raise when a rollback could not run (exit 3 or 7), else return."""
+    import psycopg2
+
     logger = get_logger()
     report = StatusReport()
     conninfo = settings.conninfo()
@@ -48,11 +51,19 @@ def preflight(settings: Settings) -> StatusReport:
             report.add("client", "ok", f"pg_dump {tools.version} in {tools.bin_dir}")
         except RollbackError as exc:
             report.add("client", "fail", exc.one_line())
-        _privileges(conn, conninfo.dbname, report)
-        _revisions(settings, conn, report)
-        _lock(conn, conninfo.dbname, report)
-        _sessions(conn, conninfo.dbname, report)
-        _kept_databases(conn, conninfo.dbname, report)
+        checks: list[tuple[str, Callable[[], None]]] = [
+            ("privileges", lambda: _privileges(conn, conninfo.dbname, report)),
+            ("revision", lambda: _revisions(settings, conn, report)),
+            ("lock", lambda: _lock(conn, conninfo.dbname, report)),
+            ("sessions", lambda: _sessions(conn, conninfo.dbname, report)),
+            ("undo", lambda: _kept_databases(conn, conninfo.dbname, report)),
+        ]
+        for name, run_check in checks:
+            try:
+                run_check()
+            except psycopg2.Error as exc:
+                # One unreadable catalog or table must not hide the other checks.
+                report.add(name, "fail", f"cannot check: {pg._first_line(exc)}")
     finally:
         conn.close()
     for check in report.checks:
@@ -112,12 +123,14 @@ def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
     current = pg.alembic_revisions(conn)
     report.current_revision = ",".join(current) or None
     head: str | None = None
+    unknown: list[str] = []
     if settings.alembic_config.exists():
         try:
-            from rollback_cli.schema import head_revisions
+            from rollback_cli.schema import load_config, script_directory
 
-            heads = head_revisions(settings)
-            head = ",".join(heads) or None
+            script = script_directory(load_config(settings))
+            head = ",".join(script.get_heads()) or None
+            unknown = [rev for rev in current if not _known_revision(script, rev)]
         except RollbackError as exc:
             report.add("alembic", "warning", exc.one_line())
     report.head_revision = head
@@ -126,13 +139,26 @@ def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
         detail += f", head {head}"
     elif not settings.alembic_config.exists():
         detail += f" (no {settings.alembic_config}: head unknown)"
+    if unknown:
+        # Usually newer code was deployed than the migrations checked out here.
+        detail += f" (revision {','.join(unknown)} is not in {settings.alembic_config}'s scripts)"
     report.add(
         "revision",
-        "ok" if current or head is None else "warning",
+        "ok" if (current or head is None) and not unknown else "warning",
         detail,
         current=report.current_revision,
         head=head,
     )
+
+
+def _known_revision(script: Any, revision: str) -> bool:
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
+    try:
+        return script.get_revision(revision) is not None
+    except (CommandError, RevisionError):
+        return False
 
 
 def _lock(conn: Any, dbname: str, report: StatusReport) -> None:
