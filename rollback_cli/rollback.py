@@ -238,9 +238,15 @@ def rollback_data(
         with rollback_lock(target.conninfo, target.conninfo.dbname):
             _safety_backup(settings, options, target, result)
             _apply_data(target, backup, options, result)
-        _finish_validation(
-            settings, target, result, backup.manifest.alembic_revisions, backup.manifest, options
-        )
+            # Validated before the lock goes, so no other run starts on an unchecked database.
+            _finish_validation(
+                settings,
+                target,
+                result,
+                backup.manifest.alembic_revisions,
+                backup.manifest,
+                options,
+            )
     result.revision_after = backup.manifest.alembic_revision
     return result
 
@@ -510,9 +516,9 @@ def rollback_schema(
     with rollback_lock(target.conninfo, target.conninfo.dbname):
         _safety_backup(settings, options, target, result)
         _downgrade(target, config, resolved, url, target.revisions, result)
-    _finish_validation(
-        settings, target, result, [] if resolved == "base" else [resolved], None, options
-    )
+        _finish_validation(
+            settings, target, result, [] if resolved == "base" else [resolved], None, options
+        )
     result.revision_after = None if resolved == "base" else resolved
     return result
 
@@ -598,10 +604,15 @@ def rollback_full(
                         f"data restored from {backup.key} (old database kept as "
                         f"{result.kept_database}) but the schema step failed: {exc.one_line()}"
                     ) from None
-        expected = [] if resolved == "base" else [resolved]
-        _finish_validation(
-            settings, target, result, expected, None if schema_needed else backup.manifest, options
-        )
+            expected = [] if resolved == "base" else [resolved]
+            _finish_validation(
+                settings,
+                target,
+                result,
+                expected,
+                None if schema_needed else backup.manifest,
+                options,
+            )
     result.revision_after = None if resolved == "base" else resolved
     return result
 
@@ -669,9 +680,9 @@ def rollback_undo(
             with step("swap") as details:
                 result.unavailable_ms = swap_databases(admin, db, previous, new_kept, state)
                 details.update(unavailable_ms=round(result.unavailable_ms, 1))
-        result.kept_database = new_kept
+            result.kept_database = new_kept
+            _finish_validation(settings, target, result, None, None, options)
     finally:
         admin.close()
-    _finish_validation(settings, target, result, None, None, options)
     result.revision_after = ",".join(_current_revisions(target.conninfo)) or None
     return result

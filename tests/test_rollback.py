@@ -71,6 +71,12 @@ def test_full_rollback_brings_back_dropped_column_data(project: Project) -> None
     assert doc["kept_database"] in project.databases()
     assert doc["unavailable_ms"] < 1000
     assert not [name for name in project.databases() if "_rb_" in name]
+    # The lock is held until the result is validated.
+    events = [e for e in log_events(project) if e["command"] == "rollback full"]
+    order = [
+        e["event"] if e["event"] != "step finished" else f"{e['step']} finished" for e in events
+    ]
+    assert order.index("validate finished") < order.index("lock released")
 
 
 def test_full_rollback_runs_schema_step_after_data(project: Project) -> None:

@@ -26,9 +26,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),  # serial
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("email", sa.Text, nullable=False),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), server_default=sa.text("now()")
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()")),
         sa.PrimaryKeyConstraint("id", name="customers_pkey"),
         sa.UniqueConstraint("email", name="customers_email_key"),
     )
@@ -37,9 +35,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),  # serial
         sa.Column("customer_id", sa.Integer, nullable=False),
         sa.Column("amount", sa.Numeric(10, 2), nullable=False),
-        sa.Column(
-            "placed_at", sa.DateTime(timezone=True), server_default=sa.text("now()")
-        ),
+        sa.Column("placed_at", sa.DateTime(timezone=True), server_default=sa.text("now()")),
         sa.PrimaryKeyConstraint("id", name="orders_pkey"),
         sa.ForeignKeyConstraint(
             ["customer_id"],

@@ -24,10 +24,26 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 NAMES = [
-    "Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra", "Barbara Liskov",
-    "Donald Knuth", "Margaret Hamilton", "Ken Thompson", "Dennis Ritchie", "Frances Allen",
-    "John McCarthy", "Radia Perlman", "Leslie Lamport", "Tony Hoare", "Niklaus Wirth",
-    "Shafi Goldwasser", "Michael Stonebraker", "Jim Gray", "Edgar Codd", "Katherine Johnson",
+    "Ada Lovelace",
+    "Alan Turing",
+    "Grace Hopper",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+    "Donald Knuth",
+    "Margaret Hamilton",
+    "Ken Thompson",
+    "Dennis Ritchie",
+    "Frances Allen",
+    "John McCarthy",
+    "Radia Perlman",
+    "Leslie Lamport",
+    "Tony Hoare",
+    "Niklaus Wirth",
+    "Shafi Goldwasser",
+    "Michael Stonebraker",
+    "Jim Gray",
+    "Edgar Codd",
+    "Katherine Johnson",
 ]
 CUSTOMER_COUNT = len(NAMES)
 ORDER_COUNT = 50

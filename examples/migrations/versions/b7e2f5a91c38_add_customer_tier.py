@@ -27,9 +27,7 @@ def upgrade() -> None:
         "customers",
         sa.Column("tier", sa.Text, nullable=False, server_default=sa.text("'standard'")),
     )
-    op.create_check_constraint(
-        "customers_tier_check", "customers", "tier IN ('standard', 'gold')"
-    )
+    op.create_check_constraint("customers_tier_check", "customers", "tier IN ('standard', 'gold')")
     op.execute(
         "UPDATE customers SET tier = 'gold'\n"
         "WHERE id IN (SELECT customer_id FROM orders GROUP BY customer_id\n"
