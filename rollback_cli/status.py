@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,7 +73,7 @@ def preflight(settings: Settings) -> StatusReport:
     if failures:
         summary = "; ".join(f"{c['name']}: {c['detail']}" for c in failures)
         error: RollbackError = Refused(f"preflight failed: {summary}")
-        if any(c["name"] == "connection" for c in failures):
+        if any(c["name"] in ("connection", "alembic") for c in failures):
             error = ConfigError(f"preflight failed: {summary}")
         error.report = report  # type: ignore[attr-defined]
         raise error
@@ -133,6 +134,9 @@ def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
             unknown = [rev for rev in current if not _known_revision(script, rev)]
         except RollbackError as exc:
             report.add("alembic", "warning", exc.one_line())
+        except (configparser.Error, UnicodeDecodeError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            report.add("alembic", "fail", f"{settings.alembic_config} cannot be read: {reason}")
     report.head_revision = head
     detail = f"current {report.current_revision or 'none'}"
     if head is not None:

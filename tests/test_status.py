@@ -215,3 +215,15 @@ def test_status_changes_nothing(ws: Workspace) -> None:
     assert ws.run("status").exit_code == 0
     assert ws.db.server.databases() == before
     assert ws.backups() == []
+
+
+def test_malformed_alembic_config_is_reported(ws: Workspace, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.ini"
+    broken.write_text("this is [not an ini file\n")
+    ws.alembic_ini = broken
+    run = ws.run("--json", "status")
+    assert run.exit_code == ExitCode.CONFIG, str(run)
+    assert f"alembic: {broken} cannot be read: File contains no section headers" in (
+        run.error_line()
+    )
+    assert "Traceback" not in run.stderr
