@@ -161,12 +161,14 @@ def configure(
         cache_logger_on_first_use=False,
     )
     json_renderer = structlog.processors.JSONRenderer(sort_keys=False)
+    # Exceptions are rendered by the formatters, after the shared chain: scrub them again
+    # once they are text (an exception's message can hold a URL with a password).
     if log_format == "console":
         stderr_renderer: Any = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        stderr_extra: list[Any] = []
+        stderr_extra: list[Any] = [structlog.processors.format_exc_info, redactor]
     else:
         stderr_renderer = json_renderer
-        stderr_extra = [_dict_tracebacks]
+        stderr_extra = [_dict_tracebacks, redactor]
 
     stderr_handler = logging.StreamHandler(sys.stderr)
     stderr_handler.setFormatter(
@@ -199,6 +201,7 @@ def configure(
                     processors=[
                         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                         _dict_tracebacks,
+                        redactor,
                         json_renderer,
                     ],
                 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from rollback_cli.errors import BackupError
@@ -51,7 +51,9 @@ class Manifest:
 
     @property
     def created(self) -> datetime:
-        return datetime.fromisoformat(self.created_at)
+        """``created_at`` as an aware datetime; a time without a zone is UTC (as in names)."""
+        created = datetime.fromisoformat(self.created_at)
+        return created if created.tzinfo else created.replace(tzinfo=timezone.utc)
 
     @property
     def has_data(self) -> bool:

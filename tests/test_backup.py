@@ -502,3 +502,19 @@ def test_list_json_is_valid_json_with_no_backups(ws18: Workspace) -> None:
     run = ws18.run("--json", "backup", "list")
     assert run.exit_code == 0
     assert json.loads(run.stdout)["backups"] == []
+
+
+def test_manifest_time_without_zone_is_utc(ws18: Workspace) -> None:
+    """A hand-edited created_at without a zone must not break list or cleanup."""
+    old = ws18.backup()
+    fresh = ws18.backup("--type", "schema")
+    manifest = read_manifest(old)
+    manifest["created_at"] = "2020-01-01T00:00:00"
+    write_manifest(old, manifest)
+    run, doc = ws18.run_json("backup", "list")
+    assert run.exit_code == 0, str(run)
+    assert [Path(r["name"]).name for r in doc["backups"]] == [fresh.name, old.name]
+    assert doc["backups"][1]["created_at"] == "2020-01-01T00:00:00+00:00"
+    run, doc = ws18.run_json("backup", "cleanup", "--older-than", "30d", "--keep-last", "0")
+    assert run.exit_code == 0, str(run)
+    assert doc["removed"] == [old.name]

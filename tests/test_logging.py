@@ -4,6 +4,7 @@ carries, step durations, and the audit record that closes every run."""
 from __future__ import annotations
 
 import getpass
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -178,3 +179,32 @@ def test_unwritable_log_dir_still_runs(ws: Workspace, tmp_path: Path) -> None:
     assert run.exit_code == 0, str(run)
     assert run.json["log_file"] is None
     assert any(e["event"] == "log file could not be created" for e in run.stderr_events())
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_unexpected_error_exits_1_with_a_structured_traceback(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, log_format: str
+) -> None:
+    """The one place exceptions become exit codes: anything unknown is exit 1, logged with a
+    structured traceback, its message scrubbed of credentials."""
+    import rollback_cli.catalog
+
+    def broken(storage: object) -> list[object]:
+        raise RuntimeError("listing broke near postgresql://admin:hunter2@db.internal/app")
+
+    monkeypatch.setattr(rollback_cli.catalog, "list_backups", broken)
+    run = ws.run("--log-format", log_format, "--json", "backup", "list")
+    assert run.exit_code == ExitCode.UNEXPECTED, str(run)
+    if log_format == "console":
+        assert "Traceback" in run.stderr or "RuntimeError" in run.stderr
+    line = run.stderr.splitlines()[-1]
+    assert line.startswith("db-rollback: error: unexpected error: RuntimeError: listing broke")
+    assert "hunter2" not in run.stdout + run.stderr
+    assert run.json["outcome"] == "error" and run.json["exit_code"] == 1
+    events = ws.last_log_events()
+    failure = next(e for e in events if e["event"] == "unexpected error")
+    frames = failure["exception"][0]["frames"]
+    assert failure["exception"][0]["exc_type"] == "RuntimeError"
+    assert any(frame["name"] == "broken" for frame in frames)
+    assert "hunter2" not in json.dumps(events)
+    assert events[-1]["event"] == "audit" and events[-1]["exit_code"] == 1
