@@ -409,7 +409,13 @@ def test_verify_with_restore_test_reports_its_checks(
     assert run.outputs["artifact-paths"] == run.outputs["log-file"]
     assert "### ✅ db-rollback backup verify · ci" in run.summary
     assert "| sha256 | ✅ ok |" in run.summary
-    assert re.search(r"\| restore test \| ✅ ok \| scratch database \S+: 3 tables", run.summary)
+    assert re.search(
+        r"^\| restore test \| ✅ ok \| scratch database \S+: 3 tables, 71 rows match the "
+        r"manifest \|$",
+        run.summary,
+        re.MULTILINE,
+    )
+    assert "| restore-test |" not in run.summary  # the CLI's shorter row is replaced
     assert_no_password(run, database.url)
 
 
