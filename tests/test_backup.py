@@ -151,8 +151,20 @@ def test_backup_types(ws: Workspace, backup_type: str, suffix: str) -> None:
     ).stdout
     assert ("TABLE DATA public orders" in listing) == (backup_type != "schema")
     assert (" TABLE public orders" in listing) == (backup_type != "data")
-    if backup_type != "data":  # a data-only archive needs the schema in place first
-        assert ws.run("backup", "verify", str(backup), "--restore-test").exit_code == 0
+    # A data-only archive is restore-tested into a copy of the live schema.
+    run = ws.run("--json", "backup", "verify", str(backup), "--restore-test")
+    assert run.exit_code == 0, str(run)
+    assert run.json["restore_test"]["rows"] == (0 if backup_type == "schema" else 550)
+    assert ws.db.related_databases() == [ws.db.name]
+
+
+def test_data_backup_that_no_longer_fits_the_live_schema(ws18: Workspace) -> None:
+    backup = ws18.backup("--type", "data")
+    ws18.db.execute("ALTER TABLE orders DROP COLUMN amount")
+    run = ws18.run("backup", "verify", str(backup), "--restore-test")
+    assert run.exit_code == ExitCode.BACKUP_INVALID, str(run)
+    assert "restore test of" in run.error_line() and "amount" in run.error_line()
+    assert ws18.db.related_databases() == [ws18.db.name]
 
 
 @pytest.mark.parametrize(
