@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from rollback_cli import __version__, pg
-from rollback_cli.errors import OperationFailed, UsageError
+from rollback_cli.errors import ConfigError, OperationFailed, UsageError
 from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.manifest import (
     BACKUP_FORMATS,
@@ -431,7 +431,7 @@ def plan_backup(settings: Settings, request: BackupRequest) -> list[dict[str, st
         finally:
             conn.close()
         staging = storage.root if isinstance(storage, LocalStorage) else settings.backup_dir
-        ensure_private_dir(staging)
+        _check_writable(staging)
         name = backup_name(
             settings.environment,
             request.backup_type,
@@ -452,3 +452,14 @@ def plan_backup(settings: Settings, request: BackupRequest) -> list[dict[str, st
         ]
     finally:
         storage.close()
+
+
+def _check_writable(directory: Path) -> None:
+    """What ``ensure_private_dir`` would find, without creating anything (for dry runs)."""
+    existing = directory
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create directory {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"directory {existing} is not writable by this user")

@@ -21,9 +21,12 @@ from rollback_cli import __version__
 from rollback_cli.errors import ExitCode
 from tests.cli_helpers import (
     BACKUP_NAME,
+    PASSWORD,
     Workspace,
+    invoke,
     mode,
     read_manifest,
+    run_subprocess,
     seed_shop,
     table_counts,
     write_manifest,
@@ -530,3 +533,74 @@ def test_manifest_time_without_zone_is_utc(ws18: Workspace) -> None:
     run, doc = ws18.run_json("backup", "cleanup", "--older-than", "30d", "--keep-last", "0")
     assert run.exit_code == 0, str(run)
     assert doc["removed"] == [old.name]
+
+
+def test_dry_run_creates_no_directory(ws18: Workspace, tmp_path: Path) -> None:
+    run = ws18.run("backup", "create", "--dry-run")
+    assert run.exit_code == 0, str(run)
+    assert not ws18.backup_dir.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = ws18.args()
+    args[args.index("--backup-dir") + 1] = str(blocker / "backups")
+    run = invoke([*args, "backup", "create", "--dry-run"])
+    assert run.exit_code == ExitCode.CONFIG, str(run)
+    assert "is not a directory" in run.error_line()
+
+
+def test_default_directories_are_relative_to_the_working_directory(
+    ws18: Workspace, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = ["--database-url", ws18.url, "--pg-bin-dir", str(ws18.db.server.bin_dir)]
+    run = run_subprocess([*args, "--json", "backup", "create"], cli_env, cwd=cwd)
+    assert run.exit_code == 0, str(run)
+    assert Path(run.json["backup_file"]).parent == Path("backups")
+    assert (cwd / run.json["backup_file"]).is_file()
+    assert len(list((cwd / "logs").glob("rollback_staging_*.log"))) == 1
+    assert run.stderr_events()  # JSON on stderr: not a terminal
+
+
+def test_backup_by_an_owner_without_superuser(ws18: Workspace) -> None:
+    """The usual CI role: owns the database and its tables, has CREATEDB, no superuser."""
+    server = ws18.db.server
+    role = f"owner_{ws18.db.name}"
+    server.execute(f"CREATE ROLE \"{role}\" LOGIN CREATEDB PASSWORD '{PASSWORD}'")
+    try:
+        server.execute(f'ALTER DATABASE "{ws18.db.name}" OWNER TO "{role}"')
+        for table in ("customers", "orders"):
+            ws18.db.execute(f'ALTER TABLE "{table}" OWNER TO "{role}"')
+        url = ws18.url.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+        run, doc = ws18.run_json("backup", "create", url=url)
+        assert run.exit_code == 0, str(run)
+        assert doc["row_counts"] == {"public.customers": 50, "public.orders": 500}
+        run = ws18.run("backup", "verify", doc["backup_file"], "--restore-test", url=url)
+        assert run.exit_code == 0, str(run)
+        assert ws18.db.related_databases() == [ws18.db.name]
+    finally:
+        server.execute(f'ALTER DATABASE "{ws18.db.name}" OWNER TO postgres')
+        server.execute(f'DROP OWNED BY "{role}"', dbname=ws18.db.name)
+        server.execute(f'DROP ROLE "{role}"')
+
+
+def test_restore_test_without_createdb_fails_clearly(ws18: Workspace) -> None:
+    server = ws18.db.server
+    role = f"nocreate_{ws18.db.name}"
+    server.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{PASSWORD}'")
+    try:
+        server.execute(f'ALTER DATABASE "{ws18.db.name}" OWNER TO "{role}"')
+        for table in ("customers", "orders"):
+            ws18.db.execute(f'ALTER TABLE "{table}" OWNER TO "{role}"')
+        url = ws18.url.replace("postgresql://postgres:", f"postgresql://{role}:", 1)
+        backup = ws18.backup()
+        assert ws18.run("backup", "verify", str(backup), url=url).exit_code == 0
+        run = ws18.run("backup", "verify", str(backup), "--restore-test", url=url)
+        assert run.exit_code == ExitCode.FAILED_UNCHANGED, str(run)
+        assert "cannot create the scratch database" in run.error_line()
+        assert "CREATEDB" in run.error_line()
+        assert "Traceback" not in run.stderr
+    finally:
+        server.execute(f'ALTER DATABASE "{ws18.db.name}" OWNER TO postgres')
+        server.execute(f'DROP OWNED BY "{role}"', dbname=ws18.db.name)
+        server.execute(f'DROP ROLE "{role}"')
