@@ -166,6 +166,12 @@ ENV_VARS = {
     "--pg-bin-dir": "DB_ROLLBACK_PG_BIN_DIR",
     "--dry-run": "DB_ROLLBACK_DRY_RUN",
     "--yes": "DB_ROLLBACK_YES",
+    "--keep-local": "DB_ROLLBACK_KEEP_LOCAL",
+    "--s3-endpoint-url": "AWS_ENDPOINT_URL",
+    "--s3-region": "DB_ROLLBACK_S3_REGION",
+    "--s3-sse": "DB_ROLLBACK_S3_SSE",
+    "--s3-kms-key-id": "DB_ROLLBACK_S3_KMS_KEY_ID",
+    "--s3-storage-class": "DB_ROLLBACK_S3_STORAGE_CLASS",
 }
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
+import pty
 import re
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -208,3 +212,35 @@ def test_unexpected_error_exits_1_with_a_structured_traceback(
     assert any(frame["name"] == "broken" for frame in frames)
     assert "hunter2" not in json.dumps(events)
     assert events[-1]["event"] == "audit" and events[-1]["exit_code"] == 1
+
+
+def test_console_format_by_default_on_a_terminal(ws: Workspace, cli_env: dict[str, str]) -> None:
+    """stderr on a TTY gets the console renderer; the log file stays JSON."""
+    args = [a for a in ws.args() if a not in ("--log-format", "json")]
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rollback_cli", *args, "backup", "list"],
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            timeout=60,
+            check=False,
+        )
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(primary)
+    stderr = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, stderr
+    assert "command started" in stderr and "audit" in stderr
+    assert not any(line.lstrip().startswith("{") for line in stderr.splitlines())
+    assert ws.last_log_events()[-1]["event"] == "audit"
