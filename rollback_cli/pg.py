@@ -57,6 +57,9 @@ def connect(
     except psycopg2.OperationalError as exc:
         target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
         raise ConfigError(f"cannot connect to {target}: {_first_line(exc)}") from None
+    except psycopg2.ProgrammingError as exc:
+        # libpq rejected the parameters themselves (an unknown URL query option, say).
+        raise ConfigError(f"database URL is not valid: {_first_line(exc)}") from None
     conn.autocommit = autocommit
     return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
 
@@ -173,6 +176,23 @@ def find_client(
     )
 
 
+_CHILD_OVERRIDDEN = frozenset(
+    {
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGDATABASE",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGSSLMODE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGAPPNAME",
+        "PGCONNECT_TIMEOUT",
+    }
+)
+
+
 def _passfile_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
@@ -183,7 +203,10 @@ def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator
 
     The password goes into a temporary 0600 passfile that is removed afterwards.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    # Connection settings come from ``conninfo`` alone (it already holds what the PG*
+    # variables supplied); other libpq variables (PGSSLROOTCERT, PGOPTIONS, ...) pass through
+    # as they do for our own connections.
+    env = {k: v for k, v in os.environ.items() if k not in _CHILD_OVERRIDDEN}
     env.pop("DATABASE_URL", None)
     env["PGDATABASE"] = dbname or conninfo.dbname
     env["PGAPPNAME"] = APPLICATION_NAME

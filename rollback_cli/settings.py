@@ -139,10 +139,31 @@ def conninfo_from_environ(environ: dict[str, str] | os._Environ[str]) -> ConnInf
     )
 
 
-def resolve_conninfo(database_url: str | None) -> ConnInfo:
-    if database_url:
-        return parse_database_url(database_url)
-    return conninfo_from_environ(os.environ)
+def resolve_conninfo(
+    database_url: str | None, environ: dict[str, str] | os._Environ[str] | None = None
+) -> ConnInfo:
+    """The URL's settings, with libpq's PG* variables filling what it leaves out (as libpq
+    itself does), so that our connections and pg_dump's reach the same server as the same
+    user."""
+    environ = os.environ if environ is None else environ
+    if not database_url:
+        return conninfo_from_environ(environ)
+    info = parse_database_url(database_url)
+    port = info.port
+    if port is None and environ.get("PGPORT"):
+        try:
+            port = int(environ["PGPORT"])
+        except ValueError:
+            raise ConfigError(f"PGPORT is not a number: {environ['PGPORT']!r}") from None
+    return replace(
+        info,
+        host=info.host or environ.get("PGHOST") or None,
+        port=port,
+        user=info.user or environ.get("PGUSER") or None,
+        password=info.password or environ.get("PGPASSWORD") or None,
+        sslmode=info.sslmode or environ.get("PGSSLMODE") or None,
+        passfile=info.passfile or environ.get("PGPASSFILE") or None,
+    )
 
 
 def protected_environments() -> frozenset[str]:

@@ -357,3 +357,26 @@ def test_json_result_on_config_error(ws: Workspace) -> None:
     assert doc["exit_code"] == 3 and doc["outcome"] == "config_error"
     assert "password authentication failed" in doc["message"]
     assert_no_password(run.stdout)
+
+
+def test_pg_variables_fill_what_the_url_leaves_out(ws: Workspace) -> None:
+    """As libpq does: our connections and pg_dump's reach the same server as the same user."""
+    server = ws.db.server
+    url = f"postgresql://{server.user}@{server.host}/{ws.db.name}"  # no password, no port
+    env = {"PGPASSWORD": PASSWORD, "PGPORT": str(server.port)}
+    for command in (["status"], ["backup", "create"]):
+        run = invoke([*common_args(ws), "--database-url", url, *command], env=env)
+        assert run.exit_code == 0, str(run)
+    url = f"postgresql://{server.user}:{PASSWORD}@{server.host}:{server.port}/{ws.db.name}"
+    run = invoke(
+        [*common_args(ws), "--database-url", url, "backup", "create"],
+        env={"PGPORT": "1", "PGPASSWORD": "not-this-one", "PGUSER": "nobody"},
+    )
+    assert run.exit_code == 0, str(run)  # the URL's own settings win
+
+
+def test_unknown_url_option_is_a_config_error(ws: Workspace) -> None:
+    run = invoke([*common_args(ws), "--database-url", ws.url + "?no_such_option=1", "status"])
+    assert run.exit_code == ExitCode.CONFIG, str(run)
+    assert 'invalid connection option "no_such_option"' in run.error_line()
+    assert_no_password(run.stdout, run.stderr)
