@@ -14,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 
 from rollback_cli.errors import ExitCode
 from tests.cli_helpers import (
@@ -244,3 +246,23 @@ def test_console_format_by_default_on_a_terminal(ws: Workspace, cli_env: dict[st
     assert "command started" in stderr and "audit" in stderr
     assert not any(line.lstrip().startswith("{") for line in stderr.splitlines())
     assert ws.last_log_events()[-1]["event"] == "audit"
+
+
+def test_library_log_lines_share_the_format(
+    database18: TestDatabase, tmp_path: Path, alembic_project: Path, cli_env: dict[str, str]
+) -> None:
+    """Alembic logs through the standard library; its lines carry the same fields."""
+    config = Config(str(alembic_project))
+    config.attributes["configure_logger"] = False
+    url = database18.url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "b7e2f5a91c38")
+    ws = Workspace(database18, tmp_path / "work", alembic_ini=alembic_project)
+    run = ws.run("rollback", "schema", "--to-revision", "8d4b6a0c9e12", "--dry-run")
+    assert run.exit_code == 0, str(run)
+    events = ws.last_log_events()
+    check_event_fields(events, environment="staging", command="rollback schema")
+    from_alembic = [e for e in events if str(e.get("logger", "")).startswith("alembic")]
+    assert from_alembic, [e.get("logger") for e in events]
+    assert {e["logger"] for e in events} >= {"rollback_cli"}
+    assert [e["event"] for e in run.stderr_events()] == [e["event"] for e in events]
