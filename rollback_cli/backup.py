@@ -94,17 +94,32 @@ def backup_name(
     return f"backup_{environment}_{stamp}{suffix}{FORMAT_EXTENSIONS[fmt]}"
 
 
-def _unique_name(name: str, staging: Path, storage: Storage) -> str:
+def _reserve_name(
+    name: str, staging: Path, storage: Storage, *, directory: bool
+) -> tuple[str, Path]:
+    """A name no backup, manifest or running dump uses, and its temp path, created here
+    (O_EXCL / mkdir) so that two runs in the same second cannot pick the same one."""
     stem, dot, ext = name.rpartition(".")
     candidate, counter = name, 1
-    while (
-        any((staging / taken).exists() for taken in _claimed_names(candidate))
-        or storage.stat(candidate) is not None
-        or storage.stat(manifest_key(candidate)) is not None
-    ):
+    while True:
+        taken = (
+            any((staging / claimed).exists() for claimed in _claimed_names(candidate))
+            or storage.stat(candidate) is not None
+            or storage.stat(manifest_key(candidate)) is not None
+        )
+        if not taken:
+            temp_path = staging / f"{TEMP_PREFIX}{candidate}"
+            try:
+                if directory:
+                    temp_path.mkdir(mode=0o700)
+                else:
+                    os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            else:
+                return candidate, temp_path
         candidate = f"{stem}_{counter}{dot}{ext}"
         counter += 1
-    return candidate
 
 
 def _claimed_names(name: str) -> tuple[str, ...]:
@@ -175,7 +190,7 @@ def _stream_dump(
     started = time.monotonic()
     last_report = started
     assert process.stdout is not None
-    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(destination, os.O_WRONLY | os.O_TRUNC)  # reserved by _reserve_name
     with os.fdopen(fd, "wb") as out:
         read = process.stdout.read
         while chunk := read(CHUNK_SIZE):
@@ -257,15 +272,9 @@ def _create(
         staging = storage.root if isinstance(storage, LocalStorage) else settings.backup_dir
         ensure_private_dir(staging)
         created = datetime.now(timezone.utc)
-        name = _unique_name(
-            backup_name(
-                settings.environment, request.backup_type, request.fmt, created, request.kind
-            ),
-            staging,
-            storage,
+        base_name = backup_name(
+            settings.environment, request.backup_type, request.fmt, created, request.kind
         )
-        final_path = staging / name
-        temp_path = staging / f"{TEMP_PREFIX}{name}"
 
         snap_conn.rollback()
         snap_conn.set_session(isolation_level="REPEATABLE READ", readonly=True)
@@ -275,6 +284,10 @@ def _create(
             snapshot = str(row[0]) if row else None
         revisions = pg.alembic_revisions(snap_conn)
 
+        name, temp_path = _reserve_name(
+            base_name, staging, storage, directory=request.fmt == "directory"
+        )
+        final_path = staging / name
         started = time.monotonic()
         with step("dump", backup=name, type=request.backup_type, format=request.fmt) as details:
             counter = _RowCounter(snap_conn) if request.backup_type != "schema" else None

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -604,3 +605,19 @@ def test_restore_test_without_createdb_fails_clearly(ws18: Workspace) -> None:
         server.execute(f'ALTER DATABASE "{ws18.db.name}" OWNER TO postgres')
         server.execute(f'DROP OWNED BY "{role}"', dbname=ws18.db.name)
         server.execute(f'DROP ROLE "{role}"')
+
+
+def test_concurrent_backups_never_share_a_name(ws18: Workspace, cli_env: dict[str, str]) -> None:
+    argv = [sys.executable, "-m", "rollback_cli", *ws18.args(), "--json", "backup", "create"]
+    procs = [
+        subprocess.Popen(argv, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], [err for _, err in outputs]
+    names = {Path(json.loads(out)["backup_file"]).name for out, _ in outputs}
+    assert len(names) == 4
+    for name in names:
+        run = ws18.run("backup", "verify", name)
+        assert run.exit_code == 0, str(run)
+    assert not [n for n in ws18.backups() if n.startswith(".tmp-")]
