@@ -339,6 +339,8 @@ def _create(
                         f"cannot store the backup {name}: {reason}; partial files removed"
                     ) from None
                 raise
+        if storage.local_path(name) == final_path.resolve():
+            _fsync_dir(staging)  # the renames of the dump and its manifest survive a crash
         local_path: Path | None = final_path
         if storage.local_path(name) is None:
             if settings.keep_local:
@@ -420,6 +422,19 @@ def _run_pg_dump(
         return sha256_tree(temp_path), tree_size(temp_path), archive_version
     assert sha256 is not None and size is not None
     return sha256, size, archive_version
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync directories; the data itself is synced
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

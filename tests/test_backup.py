@@ -32,7 +32,7 @@ from tests.cli_helpers import (
     table_counts,
     write_manifest,
 )
-from tests.servers import TestDatabase, temporary_database
+from tests.servers import PostgresCluster, TestDatabase, temporary_database
 
 REV_TIER = "b7e2f5a91c38"
 REV_HEAD = "e41c0d7f6a95"
@@ -621,3 +621,23 @@ def test_concurrent_backups_never_share_a_name(ws18: Workspace, cli_env: dict[st
         run = ws18.run("backup", "verify", name)
         assert run.exit_code == 0, str(run)
     assert not [n for n in ws18.backups() if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("name", ['Odd "db" näme', "x" * 63], ids=["quotes-unicode", "63-chars"])
+def test_awkward_database_names(
+    pg18: PostgresCluster, tmp_path: Path, cli_env: dict[str, str], name: str
+) -> None:
+    db = TestDatabase(name=name, server=pg18)
+    pg18.create_database(name)
+    try:
+        db.execute("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 3)")
+        ws = Workspace(db, tmp_path / "work")
+        backup = ws.backup()
+        assert read_manifest(backup)["database"] == name
+        run = ws.run("backup", "verify", str(backup), "--restore-test")
+        assert run.exit_code == 0, str(run)
+        assert [d for d in pg18.databases() if d.startswith(name[:40])] == [name]
+    finally:
+        for other in pg18.databases():
+            if other.startswith(name[:40]):
+                pg18.drop_database(other)
