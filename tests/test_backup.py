@@ -641,3 +641,21 @@ def test_awkward_database_names(
         for other in pg18.databases():
             if other.startswith(name[:40]):
                 pg18.drop_database(other)
+
+
+def test_names_and_times_are_utc_whatever_the_local_zone(
+    ws18: Workspace, cli_env: dict[str, str]
+) -> None:
+    env = {**cli_env, "TZ": "Pacific/Kiritimati"}  # UTC+14: the date differs from UTC's
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    run = run_subprocess([*ws18.args(), "--json", "backup", "create"], env)
+    assert run.exit_code == 0, str(run)
+    backup = Path(run.json["backup_file"])
+    match = BACKUP_NAME.match(backup.name)
+    assert match
+    stamp = datetime.strptime(match["stamp"], "%Y%m%d_%H%M%S").replace(tzinfo=timezone.utc)
+    assert before <= stamp <= datetime.now(timezone.utc)
+    assert read_manifest(backup)["created_at"].endswith("+00:00")
+    (log_file,) = ws18.log_files()
+    log_stamp = datetime.strptime(log_file.name[17:32], "%Y%m%d_%H%M%S")
+    assert abs(log_stamp.replace(tzinfo=timezone.utc) - stamp) < timedelta(minutes=2)

@@ -330,8 +330,11 @@ def test_pg_dump_failing_midway(ws: Workspace, tmp_path: Path) -> None:
     assert ws.backups() == []
 
 
-def test_interrupted_backup_leaves_nothing(ws: Workspace, tmp_path: Path) -> None:
-    """SIGTERM during the dump: exit 130, temp file removed, no manifest."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_interrupted_backup_leaves_nothing(
+    ws: Workspace, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM or Ctrl-C during the dump: exit 130, temp file removed, no manifest."""
     real = ws.db.server.bin_dir
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -363,7 +366,7 @@ def test_interrupted_backup_leaves_nothing(ws: Workspace, tmp_path: Path) -> Non
         time.sleep(0.05)
     assert any(n.startswith(".tmp-") for n in ws.backups()), "the dump never started"
     time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == ExitCode.INTERRUPTED, stderr
     assert ws.backups() == []
