@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -37,6 +38,16 @@ Legacy flags (the original rollback script's command lines work verbatim):
   --type full --to-revision R --backup-file F = rollback full"""
 
 
+# Click repeats offending values in its messages ("No such command 'postgresql://u:pw@h/db'");
+# scrub URL credentials from them. Kept here, not in log.py, so --help stays light.
+_URL_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*):[^@\s]*@")
+
+
+def _scrub_click_error(exc: click.ClickException) -> None:
+    # Click marks message Final, but its show() reads it back: replacing it is the way.
+    exc.message = _URL_CREDENTIALS.sub(r"\g<head>:***@", exc.message)  # type: ignore[misc]
+
+
 class RootGroup(click.Group):
     """Translates the original script's flags before Click parses the command line."""
 
@@ -46,6 +57,26 @@ class RootGroup(click.Group):
         except UsageError as exc:
             raise click.UsageError(exc.message, ctx) from None
         return super().parse_args(ctx, args)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            _scrub_click_error(exc)
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            _scrub_click_error(exc)
+            raise
 
 
 @dataclasses.dataclass

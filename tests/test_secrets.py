@@ -187,3 +187,25 @@ def test_manifest_names_host_and_database_only(ws: Workspace) -> None:
     flat = json.dumps(manifest)
     assert "postgres:" not in flat and "://" not in flat
     assert_no_password(flat)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["{url}", "status"],
+        ["-e", "{url}", "status"],
+        ["backup", "create", "--label", "x", "{url}"],
+        ["backup", "create", "--type", "{url}"],
+        ["--create-backup", "{url}"],
+    ],
+    ids=["as-command", "as-environment", "extra-argument", "as-choice", "legacy"],
+)
+def test_usage_errors_do_not_echo_a_url_password(
+    ws: Workspace, args: list[str], cli_env: dict[str, str]
+) -> None:
+    """A URL pasted in the wrong place: Click quotes it back, without its password."""
+    argv = [a.replace("{url}", ws.url) for a in args]
+    for run in (run_subprocess(argv, cli_env), invoke(argv)):
+        assert run.exit_code == ExitCode.USAGE, str(run)
+        assert_no_password(run.stdout, run.stderr, where=" ".join(args))
+        assert "postgres:***@" in run.stderr or "Error:" in run.stderr
