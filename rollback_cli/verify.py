@@ -14,6 +14,7 @@ from rollback_cli.artifacts import VERIFY_MARK, derived_name
 from rollback_cli.catalog import fetched, locate, read_manifest
 from rollback_cli.errors import BackupError, OperationFailed
 from rollback_cli.log import get_logger, redactor, step
+from rollback_cli.manifest import backup_key_for_manifest, is_manifest_key
 from rollback_cli.restore import (
     DatabaseProperties,
     check_archive_readable,
@@ -59,6 +60,8 @@ def verify_backup(
     conninfo: ConnInfo | None = None,
 ) -> VerifyResult:
     storage, key = locate(settings, ref)
+    if is_manifest_key(key) and storage.stat(backup_key_for_manifest(key)) is not None:
+        key = backup_key_for_manifest(key)  # the manifest's path was given: verify its backup
     try:
         return verify_stored(settings, storage, key, restore_test=restore_test, conninfo=conninfo)
     finally:

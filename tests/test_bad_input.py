@@ -400,3 +400,17 @@ def test_verify_against_the_wrong_server_version(ws15: Workspace) -> None:
     run = ws15.run("backup", "verify", str(backup))
     assert run.exit_code == ExitCode.REFUSED, str(run)
     assert "postgresql-client-99" in run.error_line()
+
+
+def test_manifest_without_its_backup(ws: Workspace) -> None:
+    backup = ws.backup()
+    backup.unlink()
+    assert_rejected(ws, str(backup), 4, "does not exist")
+    assert_rejected(ws, backup.name, 4, "the file is missing")
+
+
+def test_verify_given_the_manifest_path_verifies_its_backup(ws: Workspace) -> None:
+    backup = ws.backup()
+    run = ws.run("--json", "backup", "verify", f"{backup}.json")
+    assert run.exit_code == 0, str(run)
+    assert run.json["backup_file"] == backup.name
