@@ -26,11 +26,12 @@ from tests.cli_helpers import (
 )
 from tests.servers import TestDatabase
 
-if os.geteuid() != 0:  # pragma: no cover - the suite runs as root in CI and in `make test`
-    pytest.fail(
-        "test_bad_input mounts a tiny tmpfs and a read-only bind mount: run it as root",
-        pytrace=False,
-    )
+
+@pytest.fixture
+def mounts() -> None:
+    """Tests that mount a tiny tmpfs or a read-only bind mount need root (as in CI)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts file systems: run the suite as root", pytrace=False)
 
 
 @pytest.fixture
@@ -245,7 +246,7 @@ def test_backup_dir_under_a_regular_file(ws: Workspace, tmp_path: Path) -> None:
     assert blocker.read_text() == "x"
 
 
-def test_backup_dir_not_writable(ws: Workspace, tmp_path: Path) -> None:
+def test_backup_dir_not_writable(ws: Workspace, tmp_path: Path, mounts: None) -> None:
     """A read-only bind mount: not writable even for root (chmod would not stop root)."""
     target = tmp_path / "readonly"
     with read_only(target):
@@ -257,7 +258,7 @@ def test_backup_dir_not_writable(ws: Workspace, tmp_path: Path) -> None:
         assert list(target.iterdir()) == []
 
 
-def test_disk_full_during_dump(ws: Workspace, tmp_path: Path) -> None:
+def test_disk_full_during_dump(ws: Workspace, tmp_path: Path, mounts: None) -> None:
     # About 4 MB of incompressible rows for a 1 MB file system.
     ws.db.execute(
         "CREATE TABLE noise AS SELECT g, md5(g::text) || md5((g * 7)::text) AS t "
@@ -273,7 +274,7 @@ def test_disk_full_during_dump(ws: Workspace, tmp_path: Path) -> None:
         assert list(target.iterdir()) == []
 
 
-def test_disk_full_during_directory_dump(ws: Workspace, tmp_path: Path) -> None:
+def test_disk_full_during_directory_dump(ws: Workspace, tmp_path: Path, mounts: None) -> None:
     ws.db.execute(
         "CREATE TABLE noise AS SELECT g, md5(g::text) || md5((g * 7)::text) AS t "
         "FROM generate_series(1, 60000) g"
@@ -288,7 +289,7 @@ def test_disk_full_during_directory_dump(ws: Workspace, tmp_path: Path) -> None:
         assert list(target.iterdir()) == []
 
 
-def test_disk_full_while_writing_the_manifest(ws: Workspace, tmp_path: Path) -> None:
+def test_disk_full_while_writing_the_manifest(ws: Workspace, tmp_path: Path, mounts: None) -> None:
     """Room for the dump but not for its manifest: no backup without a manifest remains."""
     size = ws.backup().stat().st_size
     page = 4096
