@@ -58,11 +58,16 @@ class ConnInfo:
         if host.startswith("/"):
             query.append(("host", host))
             host = ""
+        elif ":" in host:
+            host = f"[{host}]"  # an IPv6 address
         netloc = auth + host + (f":{self.port}" if self.port and host else "")
         if self.port and not host:
             query.append(("port", str(self.port)))
         if self.sslmode:
             query.append(("sslmode", self.sslmode))
+        if self.passfile:
+            # Not a secret itself, and the only password source of some set-ups.
+            query.append(("passfile", self.passfile))
         url = f"{scheme}://{netloc}/{quote(self.dbname, safe='')}"
         if query:
             url += "?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in query)

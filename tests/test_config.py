@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.config import Config
 
 from rollback_cli.errors import ExitCode
 from rollback_cli.settings import parse_database_url
@@ -380,3 +382,50 @@ def test_unknown_url_option_is_a_config_error(ws: Workspace) -> None:
     assert run.exit_code == ExitCode.CONFIG, str(run)
     assert 'invalid connection option "no_such_option"' in run.error_line()
     assert_no_password(run.stdout, run.stderr)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p%40ss@db.example:6543/app?sslmode=require",
+        "postgresql://u@[::1]:5433/app",
+        "postgresql://u@db/app?passfile=/run/secrets/pgpass",
+        "postgresql:///app?host=/run/postgresql&port=5433",
+        "postgresql://u:pw@h/my%20db?options=-c%20search_path%3Dx&application_name=ci",
+    ],
+)
+def test_url_round_trip(url: str) -> None:
+    """The URL handed to Alembic/SQLAlchemy describes the same connection as the one given."""
+    info = parse_database_url(url)
+    assert parse_database_url(info.to_url()) == info
+    redacted = info.redacted_url()
+    assert ":pw@" not in redacted and "p%40ss" not in redacted
+
+
+def test_passfile_url_reaches_alembic(ws: Workspace, tmp_path: Path, alembic_project: Path) -> None:
+    """A passfile is the only password source: the in-process Alembic connection needs it too."""
+    config = Config(str(alembic_project))
+    config.attributes["configure_logger"] = False
+    driver_url = ws.url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    config.set_main_option("sqlalchemy.url", driver_url.replace("%", "%%"))
+    command.upgrade(config, "b7e2f5a91c38")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:{ws.db.server.user}:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    server = ws.db.server
+    url = f"postgresql://{server.user}@{server.host}:{server.port}/{ws.db.name}?passfile={passfile}"
+    run = invoke(
+        [
+            *common_args(ws),
+            "--database-url",
+            url,
+            "--alembic-config",
+            str(alembic_project),
+            "rollback",
+            "schema",
+            "--to-revision",
+            "8d4b6a0c9e12",
+        ]
+    )
+    assert run.exit_code == 0, str(run)
+    assert ws.db.query("SELECT version_num FROM alembic_version") == [("8d4b6a0c9e12",)]
