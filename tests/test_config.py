@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from alembic import command
+from alembic import command as alembic_command
 from alembic.config import Config
 
 from rollback_cli.errors import ExitCode
@@ -408,7 +408,7 @@ def test_passfile_url_reaches_alembic(ws: Workspace, tmp_path: Path, alembic_pro
     config.attributes["configure_logger"] = False
     driver_url = ws.url.replace("postgresql://", "postgresql+psycopg2://", 1)
     config.set_main_option("sqlalchemy.url", driver_url.replace("%", "%%"))
-    command.upgrade(config, "b7e2f5a91c38")
+    alembic_command.upgrade(config, "b7e2f5a91c38")
     passfile = tmp_path / "pgpass"
     passfile.write_text(f"*:*:*:{ws.db.server.user}:{PASSWORD}\n")
     passfile.chmod(0o600)
