@@ -105,13 +105,19 @@ def new_run_id() -> str:
 
 
 def log_file_path(log_dir: Path, environment: str, started: datetime) -> Path:
+    """A new, empty 0600 log file of its own (created here, so that runs started in the same
+    second never share one)."""
     stamp = started.strftime("%Y%m%d_%H%M%S")
     candidate = log_dir / f"rollback_{environment}_{stamp}.log"
     counter = 1
-    while candidate.exists():
-        candidate = log_dir / f"rollback_{environment}_{stamp}_{counter}.log"
-        counter += 1
-    return candidate
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            candidate = log_dir / f"rollback_{environment}_{stamp}_{counter}.log"
+            counter += 1
+        else:
+            return candidate
 
 
 def _shared_processors() -> list[Any]:
@@ -190,8 +196,6 @@ def configure(
         try:
             ensure_private_dir(log_dir)
             log_path = log_file_path(log_dir, environment, datetime.now(timezone.utc))
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.close(fd)
             file_handler: logging.Handler = logging.FileHandler(log_path, encoding="utf-8")
         except Exception:
             log_path = None

@@ -26,6 +26,7 @@ from tests.cli_helpers import (
     Workspace,
     invoke,
     mode,
+    read_events,
     read_manifest,
     run_subprocess,
     seed_shop,
@@ -621,6 +622,11 @@ def test_concurrent_backups_never_share_a_name(ws18: Workspace, cli_env: dict[st
         run = ws18.run("backup", "verify", name)
         assert run.exit_code == 0, str(run)
     assert not [n for n in ws18.backups() if n.startswith(".tmp-")]
+    # One log file per run, even when the runs start in the same second.
+    logs = ws18.log_files()
+    assert len(logs) == 4 + 4  # four backups, four verifications
+    for log_file in logs:
+        assert len({event["run_id"] for event in read_events(log_file)}) == 1
 
 
 @pytest.mark.parametrize("name", ['Odd "db" näme', "x" * 63], ids=["quotes-unicode", "63-chars"])
