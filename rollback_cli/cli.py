@@ -575,21 +575,36 @@ def backup_verify(
     def run() -> dict[str, Any]:
         from rollback_cli.verify import verify_backup
 
-        result = verify_backup(settings, backup_ref, restore_test=restore_test)
+        # The checks only read; the restore test creates a database, so a dry run plans it.
+        result = verify_backup(
+            settings, backup_ref, restore_test=restore_test and not settings.dry_run
+        )
+        plan = None
+        if restore_test and settings.dry_run:
+            plan = [
+                {
+                    "step": "restore-test",
+                    "detail": f"restore {result.key} into a scratch database, compare row "
+                    "counts and revision with the manifest, drop it",
+                }
+            ]
         return {
-            "outcome": "success",
+            "outcome": "dry_run" if settings.dry_run else "success",
             "backup_file": result.key,
             "backup_sha256": result.manifest.sha256,
             "backup_uri": result.uri,
             "revision_after": result.manifest.alembic_revision,
             "checks": result.checks,
             "restore_test": result.restore_test,
+            "plan": plan,
         }
 
     def render(doc: dict[str, Any]) -> None:
         click.echo(f"backup OK: {doc['backup_uri']}")
         for check in doc["checks"]:
             click.echo(f"  ✓ {check['check']}: {check['detail']}")
+        if doc.get("plan"):
+            _render_plan(doc["plan"])
 
     execute(settings, "backup verify", run, render)
 

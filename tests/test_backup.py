@@ -665,3 +665,19 @@ def test_names_and_times_are_utc_whatever_the_local_zone(
     (log_file,) = ws18.log_files()
     log_stamp = datetime.strptime(log_file.name[17:32], "%Y%m%d_%H%M%S")
     assert abs(log_stamp.replace(tzinfo=timezone.utc) - stamp) < timedelta(minutes=2)
+
+
+def test_verify_dry_run_plans_the_restore_test(ws18: Workspace) -> None:
+    backup = ws18.backup()
+    run, doc = ws18.run_json("backup", "verify", str(backup), "--restore-test", "--dry-run")
+    assert run.exit_code == 0, str(run)
+    assert doc["outcome"] == "dry_run" and doc["restore_test"] is None
+    assert [c["check"] for c in doc["checks"]] == ["manifest", "size", "sha256", "readable"]
+    assert doc["plan"][0]["step"] == "restore-test"
+    assert not [e for e in ws18.last_log_events() if e["step"] == "restore-test"]
+    text = ws18.run("--dry-run", "backup", "verify", str(backup), "--restore-test")
+    assert "dry run: nothing was changed" in text.stdout and "restore-test" in text.stdout
+    # A dry run still fails on a broken backup.
+    backup.write_bytes(backup.read_bytes()[:-10])
+    run = ws18.run("backup", "verify", str(backup), "--restore-test", "--dry-run")
+    assert run.exit_code == ExitCode.BACKUP_INVALID, str(run)
