@@ -312,10 +312,6 @@ def read_only(path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
 def assert_no_password(*texts: str, where: str = "") -> None:
     for text in texts:
         for form in PASSWORD_FORMS:
