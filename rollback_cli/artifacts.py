@@ -6,12 +6,11 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import Refused
 from rollback_cli.log import get_logger
-from rollback_cli.storage.local import TEMP_PREFIX, LocalStorage
+from rollback_cli.storage.local import LocalStorage
 
 if TYPE_CHECKING:
     from rollback_cli.settings import Settings
@@ -138,21 +137,11 @@ def cleanup_artifacts(
                 logger.info(f"{verb} table", table=f"{schema_name}.{table}")
     finally:
         conn.close()
-    if dry_run:
-        report.files = [p.name for p in _temp_files(settings.backup_dir, temp_age_seconds)]
-    else:
-        report.files = storage.cleanup_incomplete(temp_age_seconds)
-        if not isinstance(storage, LocalStorage) or storage.root != settings.backup_dir:
-            report.files += LocalStorage(settings.backup_dir).cleanup_incomplete(temp_age_seconds)
+    report.files = storage.cleanup_incomplete(temp_age_seconds, dry_run=dry_run)
+    if storage.local_path("") != settings.backup_dir.resolve():
+        # A remote storage (or another directory) stages its uploads in the backup dir.
+        staging = LocalStorage(settings.backup_dir)
+        report.files += staging.cleanup_incomplete(temp_age_seconds, dry_run=dry_run)
     for name in report.files:
         logger.info("removed temp file" if not dry_run else "would remove temp file", file=name)
     return report
-
-
-def _temp_files(root: Path, older_than: float) -> list[Path]:
-    if not root.is_dir():
-        return []
-    cutoff = time.time() - older_than
-    return [
-        p for p in root.iterdir() if p.name.startswith(TEMP_PREFIX) and p.lstat().st_mtime < cutoff
-    ]

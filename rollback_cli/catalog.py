@@ -7,7 +7,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +21,7 @@ from rollback_cli.manifest import (
     is_manifest_key,
     manifest_key,
 )
-from rollback_cli.storage import Storage, StoredObject, open_storage
-from rollback_cli.storage.base import sha256_artifact
+from rollback_cli.storage import REMOTE_SCHEMES, Storage, StoredObject, open_storage, open_uri
 from rollback_cli.storage.local import TEMP_PREFIX, LocalStorage, ensure_private_dir
 
 if TYPE_CHECKING:
@@ -40,6 +39,8 @@ class BackupEntry:
     modified: datetime | None
     manifest: Manifest | None
     problem: str | None
+    #: the backend holding this entry (cleanup deletes from it)
+    storage: Storage | None = field(default=None, compare=False, repr=False)
 
     @property
     def valid(self) -> bool:
@@ -87,6 +88,16 @@ def read_manifest(storage: Storage, key: str) -> Manifest:
 
 
 def list_backups(storage: Storage) -> list[BackupEntry]:
+    """Every backup in ``storage`` and, for a remote one, in its local staging directory
+    (copies kept with ``--keep-local``), newest first; ``location`` tells them apart."""
+    entries = _list_one(storage)
+    if storage.staging is not None:
+        entries += _list_one(LocalStorage(storage.staging))
+    entries.sort(key=lambda e: e.created or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    return entries
+
+
+def _list_one(storage: Storage) -> list[BackupEntry]:
     objects = {obj.key: obj for obj in storage.list_objects()}
     entries: list[BackupEntry] = []
     for key, obj in objects.items():
@@ -114,7 +125,6 @@ def list_backups(storage: Storage) -> list[BackupEntry]:
         if manifest is not None and manifest.size != obj.size:
             problem = f"size {obj.size} differs from manifest ({manifest.size})"
         entries.append(_entry(storage, key, obj, manifest, problem))
-    entries.sort(key=lambda e: e.created or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
     return entries
 
 
@@ -140,6 +150,7 @@ def _entry(
         modified=obj.modified if obj else None,
         manifest=manifest,
         problem=problem,
+        storage=storage,
     )
 
 
@@ -149,16 +160,15 @@ def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
     if not ref or not ref.strip():
         raise UsageError("BACKUP must not be empty")
     parts = urlsplit(ref)
-    if parts.scheme == "s3":
+    if parts.scheme in REMOTE_SCHEMES:
+        # The configured storage when the URI lies under it (so its prefix and environment
+        # apply), else a storage opened on the URI's own bucket and prefix.
         storage = open_storage(settings)
         root = storage.uri().rstrip("/") + "/"
-        if not ref.startswith(root):
-            storage.close()
-            raise UsageError(
-                f"{ref} is not under the configured storage {root}: pass --storage with its "
-                "bucket/prefix (and the same --environment)"
-            )
-        return storage, ref[len(root) :]
+        if ref.startswith(root) and "/" not in ref[len(root) :].strip("/"):
+            return storage, ref[len(root) :].strip("/")
+        storage.close()
+        return open_uri(settings, ref)
     path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(ref)
     if parts.scheme not in ("", "file"):
         raise UsageError(f"unsupported backup location {ref!r}")
@@ -194,15 +204,16 @@ def fetched(storage: Storage, key: str, manifest: Manifest, scratch_dir: Path) -
     try:
         target = temp_dir / Path(key).name
         try:
-            storage.download(key, target)
+            # The backend checks the sha256 while it writes; a mismatch leaves no file.
+            storage.download(key, target, sha256=manifest.sha256)
         except FileNotFoundError:
             raise BackupError(f"backup {storage.uri(key)} does not exist") from None
-        actual = sha256_artifact(target)
-        if actual != manifest.sha256:
+        except BackupError as exc:
             raise BackupError(
-                f"downloaded {storage.uri(key)} does not match its manifest checksum "
-                f"(sha256 {actual[:12]}…, expected {manifest.sha256[:12]}…)"
-            )
+                f"downloaded {storage.uri(key)} does not match its manifest checksum: "
+                "corrupt or replaced; it was not used",
+                hint=exc.one_line(),
+            ) from None
         yield target
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -225,31 +236,42 @@ def cleanup_backups(
     now: datetime | None = None,
 ) -> CleanupResult:
     """Remove backups of ``environment`` older than the cutoff, always keeping the newest
-    ``keep_last`` valid ones. Invalid leftovers older than the cutoff go too."""
+    ``keep_last`` valid ones in each location (the storage, and for a remote storage the
+    local staging directory). Invalid leftovers of the environment older than the cutoff
+    go too. A dry run removes nothing and returns what would go."""
     logger = get_logger()
     now = now or datetime.now(timezone.utc)
     cutoff = now.timestamp() - older_than_seconds
+    own_prefix = f"{BACKUP_PREFIX}{environment}_"
     entries = [
         e
         for e in list_backups(storage)
-        if e.manifest is None or e.manifest.environment == environment
+        if (e.manifest.environment == environment if e.manifest else e.key.startswith(own_prefix))
     ]
-    protected = {e.key for e in [e for e in entries if e.valid][:keep_last]}
+    protected: set[tuple[str, str]] = set()
+    for location in {e.location for e in entries}:
+        newest = [e for e in entries if e.location == location and e.valid][:keep_last]
+        protected |= {(e.location, e.key) for e in newest}
     removed: list[BackupEntry] = []
     kept: list[BackupEntry] = []
     for entry in entries:
         created = entry.created
-        if entry.key in protected or created is None or created.timestamp() >= cutoff:
+        if (entry.location, entry.key) in protected or created is None:
+            kept.append(entry)
+            continue
+        if created.timestamp() >= cutoff:
             kept.append(entry)
             continue
         removed.append(entry)
+        fields = {"backup": entry.key, "uri": entry.uri, "created_at": created.isoformat()}
         if dry_run:
-            logger.info("would remove backup", backup=entry.key, created_at=created.isoformat())
+            logger.info("would remove backup", **fields)
             continue
+        holder = entry.storage or storage
         # Manifest first: a backup without its manifest is never listed as valid.
-        storage.delete(manifest_key(entry.key))
-        storage.delete(entry.key)
-        logger.info("removed backup", backup=entry.key, created_at=created.isoformat())
+        holder.delete(manifest_key(entry.key))
+        holder.delete(entry.key)
+        logger.info("removed backup", **fields)
     return CleanupResult(removed, kept, dry_run)
 
 

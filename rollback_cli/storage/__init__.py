@@ -12,7 +12,9 @@ from rollback_cli.storage.base import Storage, StoredObject
 if TYPE_CHECKING:
     from rollback_cli.settings import Settings
 
-__all__ = ["Storage", "StoredObject", "open_storage"]
+__all__ = ["Storage", "StoredObject", "open_storage", "open_uri"]
+
+REMOTE_SCHEMES = ("s3",)
 
 
 def open_storage(settings: Settings) -> Storage:
@@ -29,7 +31,31 @@ def open_storage(settings: Settings) -> Storage:
         from rollback_cli.storage.s3 import S3Storage
 
         s3: Storage = S3Storage.from_settings(target, settings)
+        s3.staging = settings.backup_dir
         return s3
     if not parts.scheme:
         return LocalStorage(Path(target))
     raise UsageError(f"unsupported storage {target!r}: use file:///path or s3://bucket/prefix")
+
+
+def open_uri(settings: Settings, uri: str) -> tuple[Storage, str]:
+    """The backend holding the artifact named by a full remote URI, and its key there.
+
+    ``s3://bucket/some/prefix/backup_x.dump`` opens ``s3://bucket/some/prefix`` with the
+    endpoint, region and encryption settings of ``settings``; the environment is not
+    appended, since the URI already names the object. The caller closes the storage.
+    """
+    parts = urlsplit(uri)
+    if parts.scheme not in REMOTE_SCHEMES or not parts.netloc:
+        raise UsageError(f"{uri!r} is not a storage URI such as s3://bucket/prefix/backup")
+    path = unquote(parts.path).strip("/")
+    prefix, _, key = path.rpartition("/")
+    if not key:
+        raise UsageError(f"{uri!r} names no backup")
+    from rollback_cli.storage.s3 import S3Storage
+
+    storage: Storage = S3Storage.from_settings(
+        f"s3://{parts.netloc}/{prefix}", settings, append_environment=False
+    )
+    storage.staging = settings.backup_dir
+    return storage, key

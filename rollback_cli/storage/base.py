@@ -32,6 +32,9 @@ class Storage(ABC):
 
     #: short name shown in ``backup list``'s location column
     location: str
+    #: for a remote backend, the local directory where backups are staged and kept with
+    #: ``--keep-local``; ``backup list`` shows what is there too
+    staging: Path | None = None
 
     @abstractmethod
     def uri(self, key: str = "") -> str:
@@ -53,8 +56,13 @@ class Storage(ABC):
         """
 
     @abstractmethod
-    def download(self, key: str, destination: Path) -> None:
-        """Copy the artifact at ``key`` to the local path ``destination``."""
+    def download(self, key: str, destination: Path, *, sha256: str | None = None) -> None:
+        """Copy the artifact at ``key`` to the local path ``destination``.
+
+        With ``sha256`` (``sha256_artifact`` of the original) the copy is checked while it
+        is written; on a mismatch BackupError is raised and nothing is left at
+        ``destination``. A missing artifact raises FileNotFoundError.
+        """
 
     @abstractmethod
     def read_text(self, key: str) -> str:
@@ -72,8 +80,9 @@ class Storage(ABC):
         """The artifact's path when it is already on the local filesystem, else None."""
         return None
 
-    def cleanup_incomplete(self, older_than_seconds: float) -> list[str]:
-        """Remove leftovers of interrupted writes; return what was removed."""
+    def cleanup_incomplete(self, older_than_seconds: float, *, dry_run: bool = False) -> list[str]:
+        """Remove leftovers of interrupted writes older than the cutoff; return what was
+        removed (with ``dry_run``: what would be)."""
         return []
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing

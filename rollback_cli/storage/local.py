@@ -9,8 +9,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rollback_cli.errors import ConfigError
-from rollback_cli.storage.base import Storage, StoredObject, tree_size
+from rollback_cli.errors import BackupError, ConfigError
+from rollback_cli.storage.base import Storage, StoredObject, sha256_artifact, tree_size
 
 TEMP_PREFIX = ".tmp-"
 
@@ -76,28 +76,34 @@ class LocalStorage(Storage):
         try:
             if source.is_dir():
                 shutil.copytree(source, temp)
+                temp.chmod(0o700)
             else:
                 shutil.copyfile(source, temp)
                 temp.chmod(0o600)
+            # Checked before the rename: a bad copy never appears under its real name.
+            if sha256 is not None and sha256_artifact(temp) != sha256:
+                raise BackupError(f"copy of {source} does not match its recorded checksum")
             temp.replace(destination)
         except BaseException:
             _remove(temp)
             raise
-        if sha256 is not None and source.is_file():
-            from rollback_cli.storage.base import sha256_file
 
-            if sha256_file(destination) != sha256:
-                _remove(destination)
-                raise ConfigError(f"copy to {destination} does not match its checksum")
-
-    def download(self, key: str, destination: Path) -> None:
+    def download(self, key: str, destination: Path, *, sha256: str | None = None) -> None:
         source = self._path(key)
         if not source.exists():
             raise FileNotFoundError(key)
-        if source.is_dir():
-            shutil.copytree(source, destination)
-        else:
-            shutil.copyfile(source, destination)
+        temp = destination.with_name(f"{TEMP_PREFIX}{destination.name}")
+        try:
+            if source.is_dir():
+                shutil.copytree(source, temp)
+            else:
+                shutil.copyfile(source, temp)
+            if sha256 is not None and sha256_artifact(temp) != sha256:
+                raise BackupError(f"{self.uri(key)} does not match its recorded checksum")
+            temp.replace(destination)
+        except BaseException:
+            _remove(temp)
+            raise
 
     def read_text(self, key: str) -> str:
         return self._path(key).read_text(encoding="utf-8")
@@ -123,14 +129,15 @@ class LocalStorage(Storage):
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
 
-    def cleanup_incomplete(self, older_than_seconds: float) -> list[str]:
+    def cleanup_incomplete(self, older_than_seconds: float, *, dry_run: bool = False) -> list[str]:
         if not self.root.is_dir():
             return []
         removed = []
         cutoff = time.time() - older_than_seconds
-        for entry in self.root.iterdir():
+        for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(TEMP_PREFIX) and entry.lstat().st_mtime < cutoff:
-                _remove(entry)
+                if not dry_run:
+                    _remove(entry)
                 removed.append(entry.name)
         return removed
 

@@ -5,14 +5,12 @@ backup is stored as one object per file below ``{key}/``. Credentials come only 
 the standard AWS chain (environment variables, shared config, instance roles); this
 module never sees, stores or logs them.
 
-Integrity on upload: the file is hashed locally first (its SHA-256 is checked against
-the caller's and stored as ``x-amz-meta-sha256``), then sent with S3 additional
-checksums (``x-amz-checksum-sha256`` per request, which the server checks against the
-bytes it received), and finally ``head_object`` must report the expected size,
-metadata and server-computed checksum. For a multipart upload S3 reports a
-*composite* checksum (the SHA-256 of the parts' SHA-256s, suffixed ``-N``), so the
-local pass also hashes each part. Servers that keep no additional checksums get the
-size and metadata check only.
+Integrity on upload: the file's SHA-256 (from the caller, who hashed the dump while it
+streamed, or from one read here) is stored as ``x-amz-meta-sha256``; every part is sent
+with its CRC32, which S3 checks against the bytes it received; afterwards ``head_object``
+must report the size, the metadata and the composite CRC32 of what was sent. The manifest
+is written by the caller only after this succeeds. Downloads stream into a temp file
+while hashing and are checked against the manifest's SHA-256 before anything uses them.
 """
 
 from __future__ import annotations
@@ -174,15 +172,21 @@ class S3Storage(Storage):
             # S3-compatible servers rarely have wildcard DNS for virtual-hosted buckets.
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
         )
-        # The client type comes from mypy-boto3-s3, which is not a dependency.
-        self._client: Any = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
-        )
+        session = boto3.session.Session()
+        self.endpoint = _redact_url(custom_endpoint or "https://s3.amazonaws.com")
+        with self._errors("setup"):
+            _register_credentials(session)
+            # The client type comes from mypy-boto3-s3, which is not a dependency.
+            self._client: Any = session.client(
+                "s3", endpoint_url=endpoint_url or None, region_name=region or None, config=config
+            )
         self.endpoint = _redact_url(str(self._client.meta.endpoint_url))
 
     @classmethod
-    def from_settings(cls, target: str, settings: Settings) -> S3Storage:
-        """Open ``s3://bucket/prefix`` for ``settings.environment``."""
+    def from_settings(
+        cls, target: str, settings: Settings, *, append_environment: bool = True
+    ) -> S3Storage:
+        """Open ``s3://bucket/prefix``; objects live under ``{prefix}/{environment}/``."""
         parts = urlsplit(target)
         if parts.scheme != "s3" or not parts.netloc:
             raise UsageError("S3 storage must look like s3://bucket/prefix")
@@ -192,7 +196,7 @@ class S3Storage(Storage):
         quiet_sdk_logging(settings.log_level)
         return cls(
             parts.netloc,
-            join_key(unquote(parts.path), settings.environment),
+            join_key(unquote(parts.path), settings.environment if append_environment else ""),
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
             sse=settings.s3_sse,
@@ -225,7 +229,12 @@ class S3Storage(Storage):
 
         where = f"(endpoint {self.endpoint})"
         try:
-            yield
+            try:
+                yield
+            except (bex.BotoCoreError, bex.ClientError):
+                # Users see the one-line error below; the trace is for --log-level debug.
+                log.debug("s3 request failed", action=action, exc_info=True)
+                raise
         except bex.ClientError as exc:
             error = exc.response.get("Error", {})
             code = str(error.get("Code", "")) or "unknown"
@@ -660,7 +669,7 @@ class S3Storage(Storage):
                     f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')}"
                 )
 
-    def cleanup_incomplete(self, older_than_seconds: float) -> list[str]:
+    def cleanup_incomplete(self, older_than_seconds: float, *, dry_run: bool = False) -> list[str]:
         """Abort multipart uploads under the prefix started before the cutoff."""
         cutoff = datetime.now(timezone.utc).timestamp() - older_than_seconds
         root = self.prefix + "/" if self.prefix else ""
@@ -671,14 +680,30 @@ class S3Storage(Storage):
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"].timestamp() > cutoff:
                         continue
-                    self._client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted.append(self._relative(upload["Key"]))
+                    if not dry_run:
+                        self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                    aborted.append(f"{self._relative(upload['Key'])} (unfinished upload)")
         return aborted
 
     def close(self) -> None:
         self._client.close()
+
+
+def _register_credentials(session: Any) -> None:
+    """Resolve the AWS credential chain now, so a missing key fails before any work, and
+    hand the values to the log redactor so not even SDK debug output can show them."""
+    from rollback_cli.log import redactor
+
+    credentials = session.get_credentials()
+    if credentials is None:
+        from botocore.exceptions import NoCredentialsError
+
+        raise NoCredentialsError
+    frozen = credentials.get_frozen_credentials()
+    for value in (frozen.access_key, frozen.secret_key, frozen.token):
+        redactor.add_secret(value)
 
 
 def _is_connection_error(exc: BaseException) -> bool:
