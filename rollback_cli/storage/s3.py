@@ -348,8 +348,13 @@ class S3Storage(Storage):
         except ClientError as exc:
             # HEAD has no body: a missing bucket is a bare 404 as well; the caller's
             # next listing call reports NoSuchBucket properly.
-            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
                 return None
+            if status in (400, 403):
+                # HEAD answers have no body, so no error code: ask again with a request
+                # whose error says why (bad signature, unknown key, denied).
+                self._client.list_objects_v2(Bucket=self.bucket, Prefix=object_key, MaxKeys=1)
             raise
         return head
 
