@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from rollback_cli.catalog import list_backups
 from rollback_cli.errors import ConfigError
 from rollback_cli.storage.base import sha256_file
 from rollback_cli.storage.s3 import MiB, S3Storage
@@ -197,7 +196,7 @@ def test_multipart_upload_of_a_file_larger_than_the_part_size(
 
 
 def test_server_stopped_mid_upload_leaves_nothing_valid(
-    s3_env: SeaweedServer, s3_bucket: str, tmp_path: Path
+    project: Project, s3_env: SeaweedServer, s3_bucket: str, tmp_path: Path
 ) -> None:
     source = random_file(tmp_path / "backup_staging_20260101_000000.dump", 40 * MiB)
     store = storage(
@@ -232,18 +231,28 @@ def test_server_stopped_mid_upload_leaves_nothing_valid(
     assert "S3 endpoint" in message and "\n" not in message
     assert s3_env.secret_key not in message and s3_env.access_key not in message
 
-    # Back up: no valid backup, only an unfinished multipart upload.
-    fresh = storage(s3_bucket)
-    assert [e for e in list_backups(fresh) if e.valid] == []
+    # The server is back: no backup is listed, only an unfinished multipart upload is left.
+    args = s3_args(s3_bucket)
+    result, listed = project.run_json(*args, "backup", "list")
+    assert result.exit_code == 0, result.stderr
+    assert listed["backups"] == []
     assert object_keys(s3_env, s3_bucket) == []
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
-    # cleanup-artifacts' storage step: recent uploads are left alone, stale ones aborted.
-    assert fresh.cleanup_incomplete(3600) == []
-    assert fresh.cleanup_incomplete(0, dry_run=True) == [f"{source.name} (unfinished upload)"]
+    # cleanup-artifacts: uploads younger than --temp-older-than stay (they may be running).
+    result, report = project.run_json(*args, "cleanup-artifacts")
+    assert result.exit_code == 0, result.stderr
+    assert report["files"] == []
+    stale = f"{source.name} (unfinished upload)"
+    result, report = project.run_json(
+        *args, "--dry-run", "cleanup-artifacts", "--temp-older-than", "0s"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert report["files"] == [stale]
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
-    assert fresh.cleanup_incomplete(0) == [f"{source.name} (unfinished upload)"]
+    result, report = project.run_json(*args, "cleanup-artifacts", "--temp-older-than", "0s")
+    assert result.exit_code == 0, result.stderr
+    assert report["files"] == [stale]
     assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
-    fresh.close()
     client.close()
 
 
