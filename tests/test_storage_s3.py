@@ -106,6 +106,10 @@ def test_create_list_verify_cleanup_and_rollback_from_s3(
         result, verified = project.run_json(*args, "backup", "verify", ref)
         assert result.exit_code == 0, result.stderr
         assert {c["check"] for c in verified["checks"]} >= {"manifest", "size", "sha256"}
+    # A full URI needs no --storage: the bucket and prefix come from the URI itself.
+    result, verified = project.run_json("backup", "verify", uri)
+    assert result.exit_code == 0, result.stderr
+    assert verified["backup_uri"] == uri
     # The download went to a temp dir that is gone again.
     assert not list(project.backup_dir.glob(".tmp-*"))
 
