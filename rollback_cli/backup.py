@@ -7,6 +7,7 @@ written last, atomically. Row counts come from the same snapshot as the dump
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 from rollback_cli import __version__, pg
 from rollback_cli.errors import ConfigError, OperationFailed, UsageError
-from rollback_cli.log import get_logger, redactor, step
+from rollback_cli.log import get_logger, step
 from rollback_cli.manifest import (
     BACKUP_FORMATS,
     BACKUP_TYPES,
@@ -214,17 +215,6 @@ def archive_version_from_header(header: bytes) -> str | None:
     return None
 
 
-def _error_tail(stderr_file: IO[bytes]) -> str:
-    stderr_file.seek(0)
-    lines = [
-        line.strip()
-        for line in stderr_file.read().decode("utf-8", "replace").splitlines()
-        if line.strip()
-    ]
-    errors = [line for line in lines if "error" in line.lower()] or lines
-    return redactor.scrub(errors[0] if errors else "no error output")
-
-
 def create_backup(
     settings: Settings,
     request: BackupRequest,
@@ -330,7 +320,8 @@ def _create(
                 storage.write_text(manifest_key(name), manifest.to_json())
             except BaseException as exc:
                 if storage.local_path(name) != final_path.resolve():
-                    storage.delete(name)
+                    with contextlib.suppress(Exception):  # the server may be gone
+                        storage.delete(name)
                 _remove(final_path)
                 if isinstance(exc, OSError):
                     # The manifest is written atomically: when writing it failed, there is none.
@@ -409,12 +400,12 @@ def _run_pg_dump(
             if counter is not None:
                 counter.join()
         if process.returncode != 0:
-            reason = _error_tail(stderr_file)
+            reason = pg.error_tail(stderr_file)
             if "invalid compression specification" in reason:
                 raise UsageError(f"--compress {request.compress}: {reason}")
             raise OperationFailed(f"pg_dump failed (exit {process.returncode}): {reason}")
         if counter is not None and counter.error is not None:
-            raise OperationFailed(f"counting rows failed: {pg._first_line(counter.error)}")
+            raise OperationFailed(f"counting rows failed: {pg.first_line(counter.error)}")
     if directory:
         temp_path.chmod(0o700)
         with (temp_path / "toc.dat").open("rb") as toc:

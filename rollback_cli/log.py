@@ -222,7 +222,10 @@ def configure(
     noisy_level = logging.DEBUG if numeric_level <= logging.DEBUG else logging.WARNING
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "sqlalchemy"):
         logging.getLogger(name).setLevel(noisy_level)
+    # Alembic's "Running downgrade X -> Y" lines are part of the record; its plugin set-up
+    # ("setup plugin alembic.autogenerate...") is not.
     logging.getLogger("alembic").setLevel(logging.INFO)
+    logging.getLogger("alembic.runtime.plugins").setLevel(noisy_level)
     if log_path is None and log_dir is not None:
         get_logger().warning("log file could not be created", log_dir=str(log_dir))
     return log_path

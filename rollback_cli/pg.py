@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from rollback_cli.errors import ConfigError, Refused
 from rollback_cli.log import redactor
@@ -31,7 +31,7 @@ DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)(?:\.\d+)?\S*)")
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
     return redactor.scrub(line.strip())
@@ -56,10 +56,10 @@ def connect(
         conn = psycopg2.connect(**kwargs)
     except psycopg2.OperationalError as exc:
         target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
-        raise ConfigError(f"cannot connect to {target}: {_first_line(exc)}") from None
+        raise ConfigError(f"cannot connect to {target}: {first_line(exc)}") from None
     except psycopg2.ProgrammingError as exc:
         # libpq rejected the parameters themselves (an unknown URL query option, say).
-        raise ConfigError(f"database URL is not valid: {_first_line(exc)}") from None
+        raise ConfigError(f"database URL is not valid: {first_line(exc)}") from None
     conn.autocommit = autocommit
     return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
 
@@ -276,3 +276,15 @@ def alembic_revisions(conn: PgConnection) -> list[str]:
             return []
         cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
         return [str(r[0]) for r in cur.fetchall()]
+
+
+def error_tail(stderr_file: IO[bytes], default: str = "no error output") -> str:
+    """The first error line a client tool wrote to ``stderr_file``, credentials removed."""
+    stderr_file.seek(0)
+    lines = [
+        line.strip()
+        for line in stderr_file.read().decode("utf-8", "replace").splitlines()
+        if line.strip()
+    ]
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    return redactor.scrub(errors[0] if errors else default)

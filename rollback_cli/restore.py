@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rollback_cli import pg
 from rollback_cli.errors import BackupError, ConfigError, OperationFailed, Refused
@@ -79,24 +81,43 @@ def database_properties(conn: PgConnection, dbname: str) -> DatabaseProperties:
 
 
 def create_database_like(
-    conn: PgConnection, new_name: str, like: DatabaseProperties, *, set_owner: bool
+    conn: PgConnection,
+    new_name: str,
+    like: DatabaseProperties | None,
+    *,
+    set_owner: bool,
+    purpose: str = "the restore",
 ) -> None:
-    """CREATE DATABASE with the same encoding, collation, ctype and tablespace as ``like``."""
+    """CREATE DATABASE with the encoding, collation, ctype and tablespace of ``like``.
+
+    The TABLESPACE clause is left out for pg_default: naming it needs CREATE on it, which
+    only superusers have by default, and template0 puts the database there anyway.
+    """
+    import psycopg2
+
     q = pg.quote_ident
-    parts = [
-        f"CREATE DATABASE {q(new_name)} TEMPLATE template0",
-        f"ENCODING '{like.encoding}'",
-        f"LC_COLLATE {_literal(like.collate)} LC_CTYPE {_literal(like.ctype)}",
-        f"TABLESPACE {q(like.tablespace)}",
-    ]
-    if like.locale_provider == "i" and like.icu_locale:
-        parts.append(f"LOCALE_PROVIDER icu ICU_LOCALE {_literal(like.icu_locale)}")
-    elif like.locale_provider == "b" and like.icu_locale:
-        parts.append(f"LOCALE_PROVIDER builtin BUILTIN_LOCALE {_literal(like.icu_locale)}")
-    if set_owner:
-        parts.append(f"OWNER {q(like.owner)}")
-    with conn.cursor() as cur:
-        cur.execute(" ".join(parts))
+    parts = [f"CREATE DATABASE {q(new_name)} TEMPLATE template0"]
+    if like is not None:
+        parts += [
+            f"ENCODING {_literal(like.encoding)}",
+            f"LC_COLLATE {_literal(like.collate)} LC_CTYPE {_literal(like.ctype)}",
+        ]
+        if like.tablespace != "pg_default":
+            parts.append(f"TABLESPACE {q(like.tablespace)}")
+        if like.locale_provider == "i" and like.icu_locale:
+            parts.append(f"LOCALE_PROVIDER icu ICU_LOCALE {_literal(like.icu_locale)}")
+        elif like.locale_provider == "b" and like.icu_locale:
+            parts.append(f"LOCALE_PROVIDER builtin BUILTIN_LOCALE {_literal(like.icu_locale)}")
+        if set_owner:
+            parts.append(f"OWNER {q(like.owner)}")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(" ".join(parts))
+    except psycopg2.Error as exc:
+        raise OperationFailed(
+            f"cannot create the scratch database {new_name} for {purpose}: {pg.first_line(exc)}",
+            hint="the role needs CREATEDB (and CREATE on the database's tablespace)",
+        ) from None
 
 
 def _literal(value: str) -> str:
@@ -133,8 +154,14 @@ def check_archive_readable(tools: pg.ClientTools, artifact: Path, fmt: str) -> i
     """``pg_restore --list`` (or the plain header/trailer); returns the number of TOC entries."""
     if fmt == "plain":
         return _check_plain(artifact)
+    # It connects nowhere: no connection settings, password included, reach it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     result = subprocess.run(
-        [tools.pg_restore, "--list", str(artifact)], capture_output=True, timeout=600, check=False
+        [tools.pg_restore, "--list", str(artifact)],
+        capture_output=True,
+        timeout=600,
+        check=False,
+        env=env,
     )
     if result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -179,6 +206,19 @@ def restore_into(
     ``preamble`` (plain format only) is an SQL file run first, in the same transaction.
     """
     logger = get_logger()
+    if tools.major >= NEWER_SESSION_SETTINGS and _server_major(conninfo) < NEWER_SESSION_SETTINGS:
+        _restore_filtered(
+            tools,
+            conninfo,
+            dbname,
+            artifact,
+            manifest,
+            no_owner=no_owner,
+            clean=clean,
+            single_transaction=single_transaction,
+            preamble=preamble,
+        )
+        return
     if manifest.format == "plain":
         argv = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
         if preamble is not None:
@@ -210,12 +250,93 @@ def restore_into(
             argv, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env, check=False
         )
         if result.returncode != 0:
-            stderr_file.seek(0)
-            lines = [
-                line.strip()
-                for line in stderr_file.read().decode("utf-8", "replace").splitlines()
-                if line.strip()
-            ]
-            errors = [line for line in lines if "error" in line.lower()] or lines
-            reason = redactor.scrub(errors[0]) if errors else f"exit {result.returncode}"
+            reason = pg.error_tail(stderr_file, f"exit {result.returncode}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+
+
+# pg_restore and pg_dump from 17 on always emit ``SET transaction_timeout = 0``, a setting
+# older servers reject; such restores go through psql with that one line removed.
+NEWER_SESSION_SETTINGS = 17
+_UNKNOWN_TO_OLDER_SERVERS = (b"SET transaction_timeout = 0;",)
+
+
+def _server_major(conninfo: ConnInfo) -> int:
+    conn = pg.connect(conninfo)
+    try:
+        return pg.server_major(conn)
+    finally:
+        conn.close()
+
+
+def _restore_filtered(
+    tools: pg.ClientTools,
+    conninfo: ConnInfo,
+    dbname: str,
+    artifact: Path,
+    manifest: Manifest,
+    *,
+    no_owner: bool,
+    clean: bool,
+    single_transaction: bool,
+    preamble: Path | None,
+) -> None:
+    """A newer client's output into an older server: SQL text, filtered, into psql."""
+    get_logger().info(
+        "restoring through psql (client newer than the server)",
+        database=dbname,
+        client_major=tools.major,
+        single_transaction=single_transaction,
+    )
+    psql = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
+    if preamble is not None:
+        psql.append(f"--file={preamble}")
+    psql.append("--file=-")
+    if single_transaction:
+        psql.append("--single-transaction")
+    producer: subprocess.Popen[bytes] | None = None
+    with (
+        pg.child_environment(conninfo, dbname) as env,
+        tempfile.TemporaryFile() as psql_err,
+        tempfile.TemporaryFile() as source_err,
+    ):
+        source: IO[bytes]
+        if manifest.format == "plain":
+            source = artifact.open("rb")
+        else:
+            argv = [tools.pg_restore, "--file=-"]
+            if no_owner:
+                argv.append("--no-owner")
+            if clean:
+                argv += ["--clean", "--if-exists"]
+            argv.append(str(artifact))
+            offline = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+            producer = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=source_err, env=offline
+            )
+            assert producer.stdout is not None
+            source = producer.stdout
+        consumer = subprocess.Popen(
+            psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env
+        )
+        assert consumer.stdin is not None
+        try:
+            with source:
+                for line in source:
+                    if line.rstrip(b"\n") in _UNKNOWN_TO_OLDER_SERVERS:
+                        continue
+                    consumer.stdin.write(line)
+        except BrokenPipeError:
+            pass  # psql stopped at an error; its stderr says which
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                consumer.stdin.close()
+            if producer is not None and consumer.wait() != 0:
+                producer.kill()
+            code = consumer.wait()
+            source_code = producer.wait() if producer is not None else 0
+        if code != 0:
+            reason = pg.error_tail(psql_err, f"exit {code}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+        if source_code != 0:
+            reason = pg.error_tail(source_err, f"exit {source_code}")
             raise OperationFailed(f"restore into {dbname} failed: {reason}")

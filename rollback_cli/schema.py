@@ -7,6 +7,7 @@ Timeouts travel as libpq ``options`` in that URL, so they apply whatever env.py 
 
 from __future__ import annotations
 
+import configparser
 import io
 import os
 import re
@@ -81,8 +82,13 @@ def load_config(settings: Settings, url: str | None = None) -> Config:
     config = Config(str(path))
     # The template env.py calls fileConfig(), which would replace our log handlers.
     config.attributes["configure_logger"] = False
-    if url is not None:
-        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    try:
+        config.file_config  # noqa: B018 - parse now, so a malformed file is a config error
+        if url is not None:
+            config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    except configparser.Error as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"Alembic config {path} cannot be read: {reason}") from None
     return config
 
 
@@ -92,7 +98,7 @@ def script_directory(config: Config) -> ScriptDirectory:
 
     try:
         return ScriptDirectory.from_config(config)
-    except CommandError as exc:
+    except (CommandError, configparser.Error) as exc:
         raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
 
 

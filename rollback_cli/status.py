@@ -64,7 +64,7 @@ def preflight(settings: Settings) -> StatusReport:
                 run_check()
             except psycopg2.Error as exc:
                 # One unreadable catalog or table must not hide the other checks.
-                report.add(name, "fail", f"cannot check: {pg._first_line(exc)}")
+                report.add(name, "fail", f"cannot check: {pg.first_line(exc)}")
     finally:
         conn.close()
     for check in report.checks:

@@ -16,7 +16,6 @@ from rollback_cli.errors import BackupError, OperationFailed
 from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.manifest import backup_key_for_manifest, is_manifest_key
 from rollback_cli.restore import (
-    DatabaseProperties,
     check_archive_readable,
     create_database_like,
     database_properties,
@@ -149,7 +148,9 @@ def run_restore_test(
                 if _exists(admin, conninfo.dbname)
                 else None
             )
-            _create_scratch(admin, scratch, like, superuser=privileges["superuser"])
+            create_database_like(
+                admin, scratch, like, set_owner=privileges["superuser"], purpose="the restore test"
+            )
             no_owner = not privileges["superuser"]
             try:
                 try:
@@ -175,42 +176,6 @@ def run_restore_test(
             + "; ".join(comparison["mismatches"][:5])
         )
     return comparison
-
-
-def _create_scratch(
-    admin: Any, scratch: str, like: DatabaseProperties | None, *, superuser: bool
-) -> None:
-    """The scratch database, like the live one where this role may ask for that."""
-    import psycopg2
-
-    try:
-        if like is not None and (superuser or like.tablespace != "pg_default"):
-            create_database_like(admin, scratch, like, set_owner=superuser)
-            return
-        # Naming TABLESPACE pg_default needs CREATE on it, which only superusers have by
-        # default; template0 puts the database there anyway.
-        sql = f"CREATE DATABASE {pg.quote_ident(scratch)} TEMPLATE template0"
-        if like is not None:
-            sql += (
-                f" ENCODING {_literal(like.encoding)} LC_COLLATE {_literal(like.collate)}"
-                f" LC_CTYPE {_literal(like.ctype)}"
-            )
-            if like.locale_provider == "i" and like.icu_locale:
-                sql += f" LOCALE_PROVIDER icu ICU_LOCALE {_literal(like.icu_locale)}"
-            elif like.locale_provider == "b" and like.icu_locale:
-                sql += f" LOCALE_PROVIDER builtin BUILTIN_LOCALE {_literal(like.icu_locale)}"
-        with admin.cursor() as cur:
-            cur.execute(sql)
-    except psycopg2.Error as exc:
-        raise OperationFailed(
-            f"cannot create the scratch database {scratch} for the restore test: "
-            f"{pg._first_line(exc)}",
-            hint="the role needs CREATEDB",
-        ) from None
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _copy_live_schema(

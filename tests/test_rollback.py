@@ -6,7 +6,10 @@ deploy would, roll back, and compare schema and data with what they were.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg2
 import pytest
@@ -21,7 +24,7 @@ from tests.rollback_helpers import (
     Project,
     log_events,
 )
-from tests.servers import TestDatabase
+from tests.servers import TestDatabase, embedded_bin_dir
 
 
 @pytest.fixture
@@ -535,3 +538,74 @@ def test_downgrade_failing_after_a_committed_step_needs_manual_attention(
     events = log_events(project)
     assert events[-1]["event"] == "audit"
     assert events[-1]["exit_code"] == 6
+
+
+@dataclass
+class _RoleDatabase(TestDatabase):
+    """The same database, reached as ``role`` instead of the superuser."""
+
+    role: str = ""
+    password: str = ""
+
+    @property
+    def url(self) -> str:
+        server = self.server
+        return (
+            f"postgresql://{self.role}:{quote(self.password, safe='')}"
+            f"@{server.host}:{server.port}/{self.name}"
+        )
+
+
+@pytest.mark.parametrize("strategy", ["swap", "in-place"])
+def test_data_rollback_as_the_usual_ci_role(
+    database: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict, strategy: str
+) -> None:
+    """Owner of the database with CREATEDB and pg_signal_backend, not superuser."""
+    server = database.server
+    role = f"ci_{uuid.uuid4().hex[:8]}"
+    password = "ci-Pa55:w/rd"
+    server.execute(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'")
+    server.execute(f"GRANT pg_signal_backend TO {role}")
+    server.execute(f"ALTER DATABASE {database.name} OWNER TO {role}")
+    try:
+        db = _RoleDatabase(name=database.name, server=server, role=role, password=password)
+        project = Project(db, alembic_project, tmp_path / "work")
+        project.workdir.mkdir()
+        project.upgrade(REV_TIER)  # the tables belong to the role, as in a real deployment
+        before = project.data_fingerprint()
+        backup = project.backup()
+        project.db.execute("DELETE FROM orders")
+
+        result, doc = project.run_json(
+            "rollback", "data", "--backup-file", backup, "--strategy", strategy
+        )
+        assert result.exit_code == 0, result.stderr
+        assert project.data_fingerprint() == before
+        owners = server.query(
+            "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'",
+            dbname=database.name,
+        )
+        assert owners == [(role,)]
+        if strategy == "swap":
+            assert doc["kept_database"] in project.databases()
+    finally:
+        database.drop_all()
+        server.execute(f"DROP OWNED BY {role}")
+        server.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("strategy", ["swap", "in-place"])
+def test_data_rollback_on_15_with_the_newer_client(project15: Project, strategy: str) -> None:
+    """Only a PostgreSQL 18 client at hand: backups and both restore strategies still work."""
+    project = project15
+    newer = ["--pg-bin-dir", str(embedded_bin_dir())]
+    before = project.data_fingerprint()
+    result, doc = project.run_json(*newer, "backup", "create")
+    assert result.exit_code == 0, result.stderr
+    project.db.execute("DELETE FROM orders")
+
+    result, doc = project.run_json(
+        *newer, "rollback", "data", "--backup-file", doc["backup_file"], "--strategy", strategy
+    )
+    assert result.exit_code == 0, result.stderr
+    assert project.data_fingerprint() == before

@@ -49,7 +49,16 @@ class LocalStorage(Storage):
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(TEMP_PREFIX):
                 continue
-            found = self.stat(entry.name)
+            try:
+                found = self.stat(entry.name)
+            except ConfigError:
+                from rollback_cli.log import get_logger  # log imports this module
+
+                # A link pointing out of the backup directory is not one of our backups.
+                get_logger().warning(
+                    "skipping entry outside the backup directory", entry=entry.name
+                )
+                continue
             if found is not None:
                 objects.append(found)
         return objects
