@@ -16,8 +16,10 @@ The image build itself is not part of the suite: scripts/image-test.sh builds an
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from tests.servers import TestDatabase
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ACTION_FILE = REPO_ROOT / "action.yml"
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
-USAGE_DOC = REPO_ROOT / "docs" / "usage.md"
+USAGE_DOC = REPO_ROOT / "README.md"
 WORKFLOWS = sorted(
     [*(REPO_ROOT / ".github" / "workflows").glob("*.yml")],
 ) + sorted((REPO_ROOT / "examples" / "workflows").glob("*.yml"))
@@ -128,7 +130,7 @@ def yaml_blocks(markdown: str) -> list[str]:
 
 def test_usage_doc_yaml_blocks_are_valid_workflows(tmp_path: Path) -> None:
     blocks = yaml_blocks(USAGE_DOC.read_text("utf-8"))
-    assert len(blocks) >= 2, "docs/usage.md should show a workflow step and a rollback workflow"
+    assert len(blocks) >= 2, "the README should show a workflow step and a rollback workflow"
     # A throwaway repository holding the blocks as workflows, so actionlint checks them the
     # way it checks this repository's own (the action is referenced as opssight/db-rollback).
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
@@ -156,6 +158,67 @@ def test_usage_doc_uses_only_inputs_the_action_has() -> None:
             for step in job.get("steps", []):
                 if str(step.get("uses", "")).startswith("opssight/db-rollback"):
                     assert set(step.get("with", {})) <= inputs, step
+
+
+IMAGE = "ghcr.io/opssight/db-rollback:v1"
+KNOWN_ENV = re.compile(r"^(DATABASE_URL|DB_ROLLBACK_[A-Z_]+|PG[A-Z]+|AWS_[A-Z_]+)$")
+
+
+def docker_run_examples(markdown: str) -> list[list[str]]:
+    """Every ``docker run`` command of the README's shell blocks, as argv."""
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL):
+        joined = block.replace("\\\n", " ")
+        for line in joined.splitlines():
+            if line.strip().startswith("docker run"):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def test_readme_docker_run_examples_run_for_real(
+    database: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """The README's ``docker run`` lines, with the image replaced by the installed CLI and
+    the container's /work by a directory here, run against the test PostgreSQL."""
+    from tests.rollback_helpers import Project
+
+    examples = docker_run_examples(USAGE_DOC.read_text("utf-8"))
+    assert len(examples) >= 3
+    Project(database, alembic_project, tmp_path).upgrade(HEAD_REVISION)
+    work = tmp_path / "work"
+    work.mkdir()
+    created: str | None = None
+    for argv in examples:
+        image_at = argv.index(IMAGE)
+        options, args = argv[2:image_at], argv[image_at + 1 :]
+        env = {**cli_env, "DB_ROLLBACK_PG_BIN_DIR": str(database.server.bin_dir)}
+        for index, option in enumerate(options):
+            if option == "-e":
+                name, _, value = options[index + 1].partition("=")
+                assert KNOWN_ENV.match(name), f"the README passes unknown variable {name}"
+                env[name] = value or (database.url if name == "DATABASE_URL" else "")
+        mounts = [options[i + 1] for i, o in enumerate(options) if o == "-v"]
+        assert mounts and all(m.endswith(":/work") for m in mounts), options
+        # "-v $PWD:/work" is the Alembic project; any other mount is a backups directory.
+        cwd = alembic_project.parent if mounts[0].startswith("$PWD:") else work
+        if created is not None:
+            args = [created if re.fullmatch(r"backup_.*\.dump", a) else a for a in args]
+        result = subprocess.run(
+            [sys.executable, "-m", "rollback_cli", "--json", *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, (args, result.stderr[-2000:])
+        document = json.loads(result.stdout)
+        if args[:2] == ["backup", "create"]:
+            created = Path(document["backup_file"]).name
+            assert (work / "backups" / created).is_file()
+    assert created is not None
+    assert list((work / "logs").glob("rollback_staging_*.log"))
 
 
 # --------------------------------------------------------------------- the action's glue
