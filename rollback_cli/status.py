@@ -126,12 +126,18 @@ def _revisions(settings: Settings, conn: Any, report: StatusReport) -> None:
     head: str | None = None
     unknown: list[str] = []
     if settings.alembic_config.exists():
-        try:
-            from rollback_cli.schema import load_config, script_directory
+        from rollback_cli.schema import load_config, script_directory
 
-            script = script_directory(load_config(settings))
-            head = ",".join(script.get_heads()) or None
-            unknown = [rev for rev in current if not _known_revision(script, rev)]
+        try:
+            config = load_config(settings)
+        except RollbackError as exc:  # the file itself is malformed
+            report.add("alembic", "fail", exc.one_line())
+            config = None
+        try:
+            if config is not None:
+                script = script_directory(config)
+                head = ",".join(script.get_heads()) or None
+                unknown = [rev for rev in current if not _known_revision(script, rev)]
         except RollbackError as exc:
             report.add("alembic", "warning", exc.one_line())
         except (configparser.Error, UnicodeDecodeError, OSError) as exc:

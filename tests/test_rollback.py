@@ -609,3 +609,14 @@ def test_data_rollback_on_15_with_the_newer_client(project15: Project, strategy:
     )
     assert result.exit_code == 0, result.stderr
     assert project.data_fingerprint() == before
+
+
+def test_schema_rollback_with_a_malformed_alembic_ini_is_a_config_error(
+    project15: Project,
+) -> None:
+    project = project15
+    project.alembic_ini.write_text("this is [not an ini file\n")
+    result, doc = project.run_json("rollback", "schema", "--to-revision", REV_SEED)
+    assert result.exit_code == 3, result.stderr
+    assert "cannot be read" in doc["message"]
+    assert project.revision() == REV_TIER

@@ -223,7 +223,7 @@ def test_malformed_alembic_config_is_reported(ws: Workspace, tmp_path: Path) -> 
     ws.alembic_ini = broken
     run = ws.run("--json", "status")
     assert run.exit_code == ExitCode.CONFIG, str(run)
-    assert f"alembic: {broken} cannot be read: File contains no section headers" in (
+    assert f"alembic: Alembic config {broken} cannot be read: File contains no section" in (
         run.error_line()
     )
     assert "Traceback" not in run.stderr
