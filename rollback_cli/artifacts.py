@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from rollback_cli.errors import Refused
+from rollback_cli.errors import ConfigError, Refused
 from rollback_cli.log import get_logger
 from rollback_cli.storage.local import LocalStorage
 
@@ -67,6 +67,26 @@ def _databases_with(conn: Any, dbname: str, mark: str) -> list[str]:
 def kept_databases(conn: Any, dbname: str) -> list[str]:
     """Pre-rollback copies of ``dbname``, newest first."""
     return _databases_with(conn, dbname, PRE_MARK)
+
+
+def kept_databases_if_reachable(settings: Settings) -> list[dict[str, str | None]]:
+    """The pre-rollback databases `rollback undo` can swap back, newest first, when a
+    database is configured and reachable; [] otherwise (listing backups needs no server)."""
+    from rollback_cli.restore import maintenance_connection
+
+    try:
+        conninfo = settings.conninfo()
+        admin = maintenance_connection(conninfo)
+    except ConfigError as exc:
+        get_logger().info("pre-rollback databases not listed", reason=exc.one_line())
+        return []
+    try:
+        names = kept_databases(admin, conninfo.dbname)
+    finally:
+        admin.close()
+    return [
+        {"name": name, "created_at": (stamp_of(name) or datetime.min).isoformat()} for name in names
+    ]
 
 
 def scratch_databases(conn: Any, dbname: str) -> list[str]:

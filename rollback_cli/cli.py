@@ -518,7 +518,13 @@ def backup_list(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
             created = entry.created
             row["age_seconds"] = max(0, round(now - created.timestamp())) if created else None
             rows.append(row)
-        return {"outcome": "success", "backups": rows}
+        from rollback_cli.artifacts import kept_databases_if_reachable
+
+        return {
+            "outcome": "success",
+            "backups": rows,
+            "kept_databases": kept_databases_if_reachable(settings),
+        }
 
     def render(doc: dict[str, Any]) -> None:
         from datetime import datetime
@@ -526,6 +532,12 @@ def backup_list(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
         from rollback_cli.catalog import age_text
 
         rows = doc["backups"]
+        kept = doc["kept_databases"]
+        if kept:
+            click.echo("pre-rollback databases (`rollback undo` swaps back the newest):")
+            for database in kept:
+                click.echo(f"  {database['name']}")
+            click.echo()
         if not rows:
             click.echo("no backups found")
             return

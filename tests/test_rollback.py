@@ -6,6 +6,7 @@ deploy would, roll back, and compare schema and data with what they were.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,13 @@ def test_undo_swaps_the_previous_database_back(project15: Project) -> None:
     after_deploy = project.data_fingerprint()
     assert project.run("rollback", "data", "--backup-file", backup).exit_code == 0
     assert project.data_fingerprint() != after_deploy
+    # What undo would swap back is listed with the backups, and by status.
+    _, listed = project.run_json("backup", "list")
+    [kept] = listed["kept_databases"]
+    assert kept["name"].startswith(f"{project.db.name}_pre_")
+    assert kept["name"] in project.run("backup", "list").stdout
+    _, status = project.run_json("status")
+    assert kept["name"] in json.dumps(status)
 
     result, _doc = project.run_json("rollback", "undo")
     assert result.exit_code == 0, result.stderr
