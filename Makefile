@@ -2,8 +2,8 @@
 #
 #   make test         lint, type-check and the whole test suite (PostgreSQL 15 + 18, SeaweedFS)
 #   make demo         a bad deploy and its rollback on a throwaway PostgreSQL 18 (scripts/demo.sh)
-#   make lint         ruff check, mypy
-#   make format-check ruff format --check (not yet part of lint: examples/ and scripts/action/)
+#   make lint         ruff check, ruff format --check, mypy
+#   make format-check ruff format --check
 #   make image-test   build the container image and run it (scripts/image-test.sh)
 #   make bench        run the benchmarks in bench/
 #   make clean        stop the demo server, remove .demo/ and caches (never backups/ or logs/)
@@ -60,6 +60,7 @@ $(PG15_INITDB):
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy rollback_cli
 
 format-check: $(STAMP)
