@@ -121,6 +121,14 @@ class Project:
         )
 
 
+def tier_project(db: TestDatabase, alembic_ini: Path, tmp_path: Path) -> Project:
+    """The example project on ``db``, upgraded to the tier revision (before the bad one)."""
+    project = Project(db, alembic_ini, tmp_path / "work")
+    project.workdir.mkdir()
+    project.upgrade(REV_TIER)
+    return project
+
+
 def log_events(project: Project) -> list[dict[str, Any]]:
     events = []
     for path in sorted(project.log_dir.glob("*.log")):

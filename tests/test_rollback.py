@@ -24,6 +24,7 @@ from tests.rollback_helpers import (
     REV_TIER,
     Project,
     log_events,
+    tier_project,
 )
 from tests.servers import TestDatabase, embedded_bin_dir
 
@@ -33,20 +34,14 @@ def project(
     database: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
     """The example project upgraded to the tier revision (before the bad migration)."""
-    proj = Project(database, alembic_project, tmp_path / "work")
-    proj.workdir.mkdir()
-    proj.upgrade(REV_TIER)
-    return proj
+    return tier_project(database, alembic_project, tmp_path)
 
 
 @pytest.fixture
 def project15(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
-    proj = Project(database15, alembic_project, tmp_path / "work")
-    proj.workdir.mkdir()
-    proj.upgrade(REV_TIER)
-    return proj
+    return tier_project(database15, alembic_project, tmp_path)
 
 
 # --- full rollback: the deploy-gone-wrong story -------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rollback_helpers import REV_TIER, Project
+from tests.rollback_helpers import Project, tier_project
 from tests.servers import TestDatabase
 
 BULK_ROWS = 400_000
@@ -36,9 +36,7 @@ def _bulk_insert(db: TestDatabase, rows: int) -> None:
 def big_project(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
-    project = Project(database15, alembic_project, tmp_path / "work")
-    project.workdir.mkdir()
-    project.upgrade(REV_TIER)
+    project = tier_project(database15, alembic_project, tmp_path)
     _bulk_insert(database15, BULK_ROWS)
     return project
 
