@@ -1,6 +1,7 @@
 # Set-up and entry points for db-rollback.
 #
-#   make test         lint, type-check and the whole test suite (PostgreSQL 15 + 18, SeaweedFS)
+#   make test         lint, type-check, the whole test suite (PostgreSQL 15 + 18, SeaweedFS)
+#                     and the image test
 #   make demo         a bad deploy and its rollback on a throwaway PostgreSQL 18 (scripts/demo.sh)
 #   make lint         ruff check, ruff format --check, mypy
 #   make format-check ruff format --check
@@ -66,8 +67,10 @@ lint: $(STAMP)
 format-check: $(STAMP)
 	$(BIN)/ruff format --check .
 
+# The image build and the act run come last: they take about five minutes from cold.
 test: lint $(PG15_INITDB)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	bash scripts/image-test.sh
 
 demo: $(STAMP)
 	scripts/demo.sh
