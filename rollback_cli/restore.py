@@ -319,24 +319,34 @@ def _restore_filtered(
             psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env
         )
         assert consumer.stdin is not None
+        # psql commits its single transaction when its input ends, so it may only see the
+        # end of input once the whole source was read without error; any other way out
+        # kills it first and the server rolls the transaction back.
+        source_code = 0
+        complete = False
         try:
             with source:
                 for line in source:
                     if line.rstrip(b"\n") in _UNKNOWN_TO_OLDER_SERVERS:
                         continue
                     consumer.stdin.write(line)
+            source_code = producer.wait() if producer is not None else 0
+            complete = source_code == 0
         except BrokenPipeError:
-            pass  # psql stopped at an error; its stderr says which
+            complete = True  # psql stopped at an error on its own; its stderr says which
         finally:
+            if not complete:
+                consumer.kill()
             with contextlib.suppress(BrokenPipeError):
                 consumer.stdin.close()
-            if producer is not None and consumer.wait() != 0:
-                producer.kill()
             code = consumer.wait()
-            source_code = producer.wait() if producer is not None else 0
-        if code != 0:
-            reason = pg.error_tail(psql_err, f"exit {code}")
-            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+            if producer is not None:
+                if producer.poll() is None:
+                    producer.kill()
+                producer.wait()
         if source_code != 0:
             reason = pg.error_tail(source_err, f"exit {source_code}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+        if code != 0:
+            reason = pg.error_tail(psql_err, f"exit {code}")
             raise OperationFailed(f"restore into {dbname} failed: {reason}")

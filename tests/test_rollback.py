@@ -258,7 +258,20 @@ def test_corrupt_backup_is_refused_before_any_change(project15: Project) -> None
     assert project.files() == files_before
 
 
-def test_restore_failing_midway_leaves_live_database_intact(project: Project) -> None:
+@pytest.mark.parametrize("strategy", ["swap", "in-place"])
+def test_restore_failing_midway_leaves_live_database_intact(
+    project: Project, strategy: str
+) -> None:
+    _restore_failing_midway(project, strategy, [])
+
+
+def test_restore_failing_midway_through_psql_for_a_newer_client(project15: Project) -> None:
+    """An 18 client into a 15 server goes through a filtered psql; a failure midway must
+    roll its single transaction back, not commit what came before."""
+    _restore_failing_midway(project15, "in-place", ["--pg-bin-dir", str(embedded_bin_dir())])
+
+
+def _restore_failing_midway(project: Project, strategy: str, bin_dir: list[str]) -> None:
     # A check that reads another table: restoring a_items before z_allowed violates it.
     project.db.execute("""
         CREATE TABLE z_allowed (id int PRIMARY KEY);
@@ -271,7 +284,17 @@ def test_restore_failing_midway_leaves_live_database_intact(project: Project) ->
     backup = project.backup()
     project.db.execute("DELETE FROM orders")
     before = project.data_fingerprint()
-    result, doc = project.run_json("rollback", "data", "--backup-file", backup, "--jobs", "1")
+    result, doc = project.run_json(
+        *bin_dir,
+        "rollback",
+        "data",
+        "--backup-file",
+        backup,
+        "--jobs",
+        "1",
+        "--strategy",
+        strategy,
+    )
     assert result.exit_code == 5, result.stderr
     assert doc["outcome"] == "failed_unchanged"
     assert "a_items" in doc["message"] or "check constraint" in doc["message"]
