@@ -36,9 +36,14 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import PostgresCluster, debian_bin_dir, embedded_bin_dir  # noqa: E402
+from tests.rollback_helpers import REV_TIER, Project, bulk_orders_sql  # noqa: E402
+from tests.servers import (  # noqa: E402
+    PostgresCluster,
+    TestDatabase,
+    debian_bin_dir,
+    embedded_bin_dir,
+)
 
-REV_TIER = "b7e2f5a91c38"
 PROBE_INTERVAL = 0.02
 
 
@@ -93,21 +98,12 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
 
 
 def prepare(server: PostgresCluster, dbname: str, rows: int) -> int:
-    from alembic import command
-    from alembic.config import Config
-
     server.create_database(dbname)
-    config = Config(str(ROOT / "examples" / "alembic.ini"))
-    config.attributes["configure_logger"] = False
-    url = server.url(dbname).replace("postgresql://", "postgresql+psycopg2://", 1)
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, REV_TIER)
-    bulk = (ROOT / "examples" / "seed_bulk.sql").read_text()
-    start = bulk.index("INSERT INTO orders")
-    insert = bulk[start : bulk.index(";", start)]
+    db = TestDatabase(name=dbname, server=server)
+    Project(db, ROOT / "examples" / "alembic.ini", ROOT).upgrade(REV_TIER)
     chunk = 500_000
     for done in range(0, rows, chunk):
-        server.execute(insert.replace(":rows", str(min(chunk, rows - done))), dbname=dbname)
+        db.execute(bulk_orders_sql(min(chunk, rows - done)))
     server.execute("VACUUM ANALYZE", dbname=dbname)
     return int(server.query("SELECT pg_database_size(%s)", (dbname,), dbname=dbname)[0][0])
 

@@ -154,14 +154,12 @@ def check_archive_readable(tools: pg.ClientTools, artifact: Path, fmt: str) -> i
     """``pg_restore --list`` (or the plain header/trailer); returns the number of TOC entries."""
     if fmt == "plain":
         return _check_plain(artifact)
-    # It connects nowhere: no connection settings, password included, reach it.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     result = subprocess.run(
         [tools.pg_restore, "--list", str(artifact)],
         capture_output=True,
         timeout=600,
         check=False,
-        env=env,
+        env=_offline_environment(),
     )
     if result.returncode != 0:
         message = result.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -173,6 +171,24 @@ def check_archive_readable(tools: pg.ClientTools, artifact: Path, fmt: str) -> i
             )
         raise BackupError(f"pg_restore cannot read {artifact.name}: {reason}")
     return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
+
+
+def _offline_environment() -> dict[str, str]:
+    """For a client tool that connects nowhere: no connection settings, password included."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def _psql_argv(
+    tools: pg.ClientTools, preamble: Path | None, script: str, *, single_transaction: bool
+) -> list[str]:
+    """psql running ``preamble`` (if any) then ``script`` (a path, or - for stdin)."""
+    argv = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
+    if preamble is not None:
+        argv.append(f"--file={preamble}")
+    argv.append(f"--file={script}")
+    if single_transaction:
+        argv.append("--single-transaction")
+    return argv
 
 
 def _check_plain(artifact: Path) -> int:
@@ -220,12 +236,7 @@ def restore_into(
         )
         return
     if manifest.format == "plain":
-        argv = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
-        if preamble is not None:
-            argv.append(f"--file={preamble}")
-        argv.append(f"--file={artifact}")
-        if single_transaction:
-            argv.append("--single-transaction")
+        argv = _psql_argv(tools, preamble, str(artifact), single_transaction=single_transaction)
     else:
         argv = [tools.pg_restore, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
         if no_owner:
@@ -287,12 +298,7 @@ def _restore_filtered(
         client_major=tools.major,
         single_transaction=single_transaction,
     )
-    psql = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
-    if preamble is not None:
-        psql.append(f"--file={preamble}")
-    psql.append("--file=-")
-    if single_transaction:
-        psql.append("--single-transaction")
+    psql = _psql_argv(tools, preamble, "-", single_transaction=single_transaction)
     producer: subprocess.Popen[bytes] | None = None
     with (
         pg.child_environment(conninfo, dbname) as env,
@@ -309,9 +315,8 @@ def _restore_filtered(
             if clean:
                 argv += ["--clean", "--if-exists"]
             argv.append(str(artifact))
-            offline = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
             producer = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=source_err, env=offline
+                argv, stdout=subprocess.PIPE, stderr=source_err, env=_offline_environment()
             )
             assert producer.stdout is not None
             source = producer.stdout

@@ -21,6 +21,7 @@ REV_CREATE = "3f9c1e7a2b40"
 REV_SEED = "8d4b6a0c9e12"
 REV_TIER = "b7e2f5a91c38"
 REV_DROP_EMAIL = "e41c0d7f6a95"
+SEED_BULK = Path(__file__).resolve().parent.parent / "examples" / "seed_bulk.sql"
 
 
 @dataclass
@@ -119,6 +120,13 @@ class Project:
             for p in self.workdir.rglob("*")
             if "logs" not in p.parts
         )
+
+
+def bulk_orders_sql(rows: int) -> str:
+    """examples/seed_bulk.sql's INSERT of ``rows`` generated orders, without psql variables."""
+    text = SEED_BULK.read_text()
+    start = text.index("INSERT INTO orders")
+    return text[start : text.index(";", start)].replace(":rows", str(rows))
 
 
 def tier_project(db: TestDatabase, alembic_ini: Path, tmp_path: Path) -> Project:

@@ -17,19 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.rollback_helpers import Project, tier_project
+from tests.rollback_helpers import Project, bulk_orders_sql, tier_project
 from tests.servers import TestDatabase
 
 BULK_ROWS = 400_000
-BULK_SQL = (Path(__file__).resolve().parent.parent / "examples" / "seed_bulk.sql").read_text()
-
-
-def _bulk_insert(db: TestDatabase, rows: int) -> None:
-    """examples/seed_bulk.sql's INSERT, without the psql variable handling."""
-    start = BULK_SQL.index("INSERT INTO orders")
-    end = BULK_SQL.index(";", start)
-    db.execute(BULK_SQL[start:end].replace(":rows", str(rows)))
-    db.execute("ANALYZE orders")
 
 
 @pytest.fixture
@@ -37,7 +28,8 @@ def big_project(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
     project = tier_project(database15, alembic_project, tmp_path)
-    _bulk_insert(database15, BULK_ROWS)
+    database15.execute(bulk_orders_sql(BULK_ROWS))
+    database15.execute("ANALYZE orders")
     return project
 
 
