@@ -4,7 +4,7 @@
 #                     and the image test
 #   make suite        the same without the image test
 #   make demo         a bad deploy and its rollback on a throwaway PostgreSQL 18 (scripts/demo.sh)
-#   make lint         ruff check, ruff format --check, mypy
+#   make lint         ruff check, ruff format --check, mypy, lint-imports (layers)
 #   make format-check ruff format --check
 #   make image-test   build the container image and run it (scripts/image-test.sh)
 #   make bench        run the benchmarks in bench/
@@ -64,6 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy rollback_cli
+	$(BIN)/lint-imports
 
 format-check: $(STAMP)
 	$(BIN)/ruff format --check .
@@ -92,6 +93,6 @@ bench: $(STAMP) $(PG15_INITDB)
 
 clean:
 	@if [ -x $(BIN)/python ] && [ -d .demo/pg ]; then \
-		$(BIN)/python -m tests.servers stop --dir .demo/pg || true; fi
+		$(BIN)/python -m devtools.postgres stop --dir .demo/pg || true; fi
 	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

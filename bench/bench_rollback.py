@@ -36,13 +36,14 @@ import psycopg2
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.rollback_helpers import REV_TIER, Project, bulk_orders_sql  # noqa: E402
-from tests.servers import (  # noqa: E402
+from devtools.data import bulk_orders_sql  # noqa: E402
+from devtools.postgres import (  # noqa: E402
     PostgresCluster,
     TestDatabase,
     debian_bin_dir,
     embedded_bin_dir,
 )
+from devtools.project import EXAMPLE_ALEMBIC_INI, REV_TIER, alembic_upgrade  # noqa: E402
 
 PROBE_INTERVAL = 0.02
 
@@ -100,7 +101,7 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
 def prepare(server: PostgresCluster, dbname: str, rows: int) -> int:
     server.create_database(dbname)
     db = TestDatabase(name=dbname, server=server)
-    Project(db, ROOT / "examples" / "alembic.ini", ROOT).upgrade(REV_TIER)
+    alembic_upgrade(db.url, REV_TIER, EXAMPLE_ALEMBIC_INI)
     chunk = 500_000
     for done in range(0, rows, chunk):
         db.execute(bulk_orders_sql(min(chunk, rows - done)))
@@ -144,7 +145,7 @@ def main() -> None:
             "--log-dir",
             str(work / "logs"),
             "--alembic-config",
-            str(ROOT / "examples" / "alembic.ini"),
+            str(EXAMPLE_ALEMBIC_INI),
             "--pg-bin-dir",
             str(server.bin_dir),
             "--log-format",

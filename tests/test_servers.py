@@ -118,7 +118,7 @@ def test_cli_env_is_clean(cli_env: dict[str, str]) -> None:
 
 
 def test_persistent_cluster_script(pg18: PostgresCluster) -> None:
-    """`python -m tests.servers` starts a cluster in DIR, reuses it, and stops it."""
+    """`python -m devtools.postgres` starts a cluster in DIR, reuses it, and stops it."""
     # pytest's tmp_path sits below a 0700 directory the postgres OS user cannot traverse.
     parent = Path(tempfile.mkdtemp(prefix="pgscript-", dir="/tmp"))
     parent.chmod(0o755)
@@ -129,7 +129,7 @@ def test_persistent_cluster_script(pg18: PostgresCluster) -> None:
 
 
 def _check_persistent_cluster_script(base: Path) -> None:
-    cmd = [sys.executable, "-m", "tests.servers"]
+    cmd = [sys.executable, "-m", "devtools.postgres"]
     cwd = Path(__file__).resolve().parent.parent
     first = subprocess.run(
         [*cmd, "postgres", "--embedded", "--dir", str(base)],

@@ -13,7 +13,7 @@ from alembic.config import Config
 from psycopg2 import sql
 
 from rollback_cli.errors import ExitCode
-from rollback_cli.lock import rollback_lock
+from rollback_cli.postgres.lock import rollback_lock
 from rollback_cli.settings import parse_database_url
 from tests.cli_helpers import PASSWORD, Workspace, assert_no_password, unused_port
 from tests.servers import TestDatabase

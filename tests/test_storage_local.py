@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from rollback_cli.catalog import cleanup_backups, fetched, list_backups, read_manifest
+from rollback_cli.backups.catalog import cleanup_backups, fetched, list_backups, read_manifest
+from rollback_cli.backups.manifest import Manifest, manifest_key
 from rollback_cli.errors import BackupError, ConfigError, UsageError
-from rollback_cli.manifest import Manifest, manifest_key
-from rollback_cli.settings import Settings
+from rollback_cli.files import TEMP_PREFIX
+from rollback_cli.settings import StorageConfig
 from rollback_cli.storage import open_storage
 from rollback_cli.storage.base import sha256_artifact, sha256_file, sha256_tree
-from rollback_cli.storage.local import TEMP_PREFIX, LocalStorage
+from rollback_cli.storage.local import LocalStorage
 from rollback_cli.storage.s3 import (
     MAX_PART_SIZE,
     MIN_PART_SIZE,
@@ -220,7 +221,7 @@ def test_fetched_uses_local_backups_in_place(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "store")
     source = write(tmp_path / "backup_staging_20260101_000000.dump", b"dump")
     key = store_backup(storage, source, datetime.now(timezone.utc))
-    with fetched(storage, key, read_manifest(storage, key), tmp_path / "scratch") as local:
+    with fetched(storage, key, read_manifest(storage, key)) as local:
         assert local == (storage.root / key).resolve()
 
 
@@ -228,14 +229,14 @@ def test_fetched_uses_local_backups_in_place(tmp_path: Path) -> None:
 
 
 def test_open_storage_picks_the_backend(tmp_path: Path) -> None:
-    default = open_storage(Settings(backup_dir=tmp_path / "b"))
+    default = open_storage(StorageConfig(backup_dir=tmp_path / "b"), "staging")
     assert isinstance(default, LocalStorage) and default.root == tmp_path / "b"
-    file_uri = open_storage(Settings(storage=f"file://{tmp_path}/x"))
+    file_uri = open_storage(StorageConfig(storage=f"file://{tmp_path}/x"), "staging")
     assert isinstance(file_uri, LocalStorage) and file_uri.root == tmp_path / "x"
     with pytest.raises(UsageError, match="unsupported storage"):
-        open_storage(Settings(storage="ftp://host/dir"))
+        open_storage(StorageConfig(storage="ftp://host/dir"), "staging")
     with pytest.raises(UsageError, match="no credentials"):
-        open_storage(Settings(storage="s3://KEY:SECRET@bucket/prefix"))
+        open_storage(StorageConfig(storage="s3://KEY:SECRET@bucket/prefix"), "staging")
 
 
 @pytest.mark.parametrize("size", [0, 1, 100 * MiB, 80 * 1024 * MiB, 5 * 1024**4])

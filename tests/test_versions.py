@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rollback_cli import pg
 from rollback_cli.errors import ExitCode, Refused
+from rollback_cli.postgres import clients as pg
 from tests.cli_helpers import Workspace, invoke, read_manifest
 from tests.servers import TestDatabase, debian_bin_dir, embedded_bin_dir
 

@@ -8,41 +8,49 @@ from urllib.parse import unquote, urlsplit
 
 from rollback_cli.errors import UsageError
 from rollback_cli.storage.base import Storage, StoredObject
+from rollback_cli.storage.local import LocalStorage
+from rollback_cli.storage.s3 import S3Storage
 
 if TYPE_CHECKING:
-    from rollback_cli.settings import Settings
+    from rollback_cli.settings import StorageConfig
 
-__all__ = ["Storage", "StoredObject", "open_storage", "open_uri"]
+__all__ = [
+    "REMOTE_SCHEMES",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "StoredObject",
+    "open_storage",
+    "open_uri",
+    "staging_dir",
+]
 
 REMOTE_SCHEMES = ("s3",)
 
 
-def open_storage(settings: Settings) -> Storage:
-    """The backend named by ``--storage`` (default: the local backup directory)."""
-    from rollback_cli.storage.local import LocalStorage
-
-    target = settings.storage
+def open_storage(config: StorageConfig, environment: str) -> Storage:
+    """The backend named by ``config.storage`` (default: the local backup directory); a
+    remote one keeps ``environment``'s backups under its own prefix."""
+    target = config.storage
     if not target:
-        return LocalStorage(settings.backup_dir)
+        return LocalStorage(config.backup_dir)
     parts = urlsplit(target)
     if parts.scheme == "file":
         return LocalStorage(Path(unquote(parts.path)))
     if parts.scheme == "s3":
-        from rollback_cli.storage.s3 import S3Storage
-
-        s3: Storage = S3Storage.from_settings(target, settings)
-        s3.staging = settings.backup_dir
+        s3: Storage = S3Storage.from_config(target, config, environment)
+        s3.staging = config.backup_dir
         return s3
     if not parts.scheme:
         return LocalStorage(Path(target))
     raise UsageError(f"unsupported storage {target!r}: use file:///path or s3://bucket/prefix")
 
 
-def open_uri(settings: Settings, uri: str) -> tuple[Storage, str]:
+def open_uri(config: StorageConfig, environment: str, uri: str) -> tuple[Storage, str]:
     """The backend holding the artifact named by a full remote URI, and its key there.
 
     ``s3://bucket/some/prefix/backup_x.dump`` opens ``s3://bucket/some/prefix`` with the
-    endpoint, region and encryption settings of ``settings``; the environment is not
+    endpoint, region and encryption settings of ``config``; the environment is not
     appended, since the URI already names the object. The caller closes the storage.
     """
     parts = urlsplit(uri)
@@ -52,10 +60,18 @@ def open_uri(settings: Settings, uri: str) -> tuple[Storage, str]:
     prefix, _, key = path.rpartition("/")
     if not key:
         raise UsageError(f"{uri!r} names no backup")
-    from rollback_cli.storage.s3 import S3Storage
-
-    storage: Storage = S3Storage.from_settings(
-        f"s3://{parts.netloc}/{prefix}", settings, append_environment=False
+    storage: Storage = S3Storage.from_config(
+        f"s3://{parts.netloc}/{prefix}", config, environment, append_environment=False
     )
-    storage.staging = settings.backup_dir
+    storage.staging = config.backup_dir
     return storage, key
+
+
+def staging_dir(storage: Storage) -> Path:
+    """Where a backup for ``storage`` is written before it is stored: the directory itself
+    for a local storage, the staging directory of a remote one."""
+    if isinstance(storage, LocalStorage):
+        return storage.root
+    if storage.staging is None:
+        raise UsageError(f"storage {storage.uri()} has no local staging directory")
+    return storage.staging

@@ -10,19 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rollback_cli.errors import BackupError, ConfigError
+from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path
+from rollback_cli.log import get_logger
 from rollback_cli.storage.base import Storage, StoredObject, sha256_artifact, tree_size
-
-TEMP_PREFIX = ".tmp-"
-
-
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (0700) or fail with a configuration error that names it."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create directory {path}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"directory {path} is not writable by this user")
 
 
 class LocalStorage(Storage):
@@ -52,8 +42,6 @@ class LocalStorage(Storage):
             try:
                 found = self.stat(entry.name)
             except ConfigError:
-                from rollback_cli.log import get_logger  # log imports this module
-
                 # A link pointing out of the backup directory is not one of our backups.
                 get_logger().warning(
                     "skipping entry outside the backup directory", entry=entry.name
@@ -94,7 +82,7 @@ class LocalStorage(Storage):
                 raise BackupError(f"copy of {source} does not match its recorded checksum")
             temp.replace(destination)
         except BaseException:
-            _remove(temp)
+            remove_path(temp)
             raise
 
     def download(self, key: str, destination: Path, *, sha256: str | None = None) -> None:
@@ -111,7 +99,7 @@ class LocalStorage(Storage):
                 raise BackupError(f"{self.uri(key)} does not match its recorded checksum")
             temp.replace(destination)
         except BaseException:
-            _remove(temp)
+            remove_path(temp)
             raise
 
     def read_text(self, key: str) -> str:
@@ -129,11 +117,11 @@ class LocalStorage(Storage):
             Path(temp_name).chmod(0o600)
             Path(temp_name).replace(destination)
         except BaseException:
-            _remove(Path(temp_name))
+            remove_path(Path(temp_name))
             raise
 
     def delete(self, key: str) -> None:
-        _remove(self._path(key))
+        remove_path(self._path(key))
 
     def local_path(self, key: str) -> Path | None:
         return self._path(key)
@@ -146,13 +134,6 @@ class LocalStorage(Storage):
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(TEMP_PREFIX) and entry.lstat().st_mtime < cutoff:
                 if not dry_run:
-                    _remove(entry)
+                    remove_path(entry)
                 removed.append(entry.name)
         return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

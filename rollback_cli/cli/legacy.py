@@ -46,10 +46,8 @@ def _flag_name(arg: str) -> str:
     return arg.split("=", 1)[0]
 
 
-def translate(args: list[str]) -> list[str]:
-    """Rewrite a legacy command line; any other command line is returned unchanged."""
-    if not is_legacy(args):
-        return args
+def _split(args: list[str]) -> tuple[dict[str, str], set[str], list[str], list[str]]:
+    """The legacy line's valued flags, bare flags, global options and command options."""
     values: dict[str, str] = {}
     flags: set[str] = set()
     rest: list[str] = []
@@ -78,7 +76,14 @@ def translate(args: list[str]) -> list[str]:
         else:
             rest.append(arg)
         i += 1
+    return values, flags, rest, tail
 
+
+def translate(args: list[str]) -> list[str]:
+    """Rewrite a legacy command line; any other command line is returned unchanged."""
+    if not is_legacy(args):
+        return args
+    values, flags, rest, tail = _split(args)
     actions = [a for a in ACTIONS if a in flags or a in values]
     if len(actions) > 1:
         raise UsageError(f"choose one of {', '.join(actions)}")

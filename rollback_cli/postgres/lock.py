@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import Refused
 from rollback_cli.log import bound_context, get_logger
-from rollback_cli.restore import maintenance_connection
+from rollback_cli.postgres.connection import maintenance_connection
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection

@@ -1,7 +1,7 @@
-"""PostgreSQL access: connections, client binaries matched to the server, child environments.
+"""pg_dump, pg_restore and psql: matched to the server, run with private environments.
 
-Passwords reach pg_dump/pg_restore/psql through a temporary 0600 passfile named in the
-child's environment (``PGPASSFILE``); connection details go through ``PG*`` variables, so a
+Passwords reach the client tools through a temporary 0600 passfile named in the child's
+environment (``PGPASSFILE``); connection details go through ``PG*`` variables, so a
 child's argv never holds a URL or a password.
 """
 
@@ -16,67 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from rollback_cli.errors import ConfigError, Refused
 from rollback_cli.log import redactor
+from rollback_cli.postgres.connection import APPLICATION_NAME
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import connection as PgConnection
-
     from rollback_cli.settings import ConnInfo
 
-APPLICATION_NAME = "db-rollback"
 DEBIAN_PG_ROOT = Path("/usr/lib/postgresql")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+((\d+)(?:\.\d+)?\S*)")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return redactor.scrub(line.strip())
-
-
-def connect(
-    conninfo: ConnInfo,
-    dbname: str | None = None,
-    *,
-    autocommit: bool = True,
-    connect_timeout: int = 10,
-    application_name: str = APPLICATION_NAME,
-) -> PgConnection:
-    """Open a psycopg2 connection or raise ConfigError with libpq's reason on one line."""
-    import psycopg2
-
-    redactor.add_secret(conninfo.password)
-    kwargs: dict[str, Any] = conninfo.psycopg_kwargs(dbname)
-    kwargs.setdefault("connect_timeout", connect_timeout)
-    kwargs["application_name"] = application_name
-    try:
-        conn = psycopg2.connect(**kwargs)
-    except psycopg2.OperationalError as exc:
-        target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
-        raise ConfigError(f"cannot connect to {target}: {first_line(exc)}") from None
-    except psycopg2.ProgrammingError as exc:
-        # libpq rejected the parameters themselves (an unknown URL query option, say).
-        raise ConfigError(f"database URL is not valid: {first_line(exc)}") from None
-    conn.autocommit = autocommit
-    return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
-
-
-def server_major(conn: PgConnection) -> int:
-    return int(conn.server_version) // 10000
-
-
-def server_version_text(conn: PgConnection) -> str:
-    with conn.cursor() as cur:
-        cur.execute("SHOW server_version")
-        row = cur.fetchone()
-    return str(row[0]) if row else "unknown"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -245,39 +195,6 @@ def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator
             Path(passfile).unlink(missing_ok=True)
 
 
-def table_row_counts(conn: PgConnection) -> dict[str, int]:
-    """Exact row counts of every ordinary and partitioned user table, as seen by ``conn``."""
-    with conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT n.nspname, c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
-            ORDER BY 1, 2
-            """
-        )
-        tables = [(str(schema), str(name)) for schema, name in cur.fetchall()]
-        counts: dict[str, int] = {}
-        for schema, name in tables:
-            cur.execute(f"SELECT count(*) FROM {quote_ident(schema)}.{quote_ident(name)}")
-            row = cur.fetchone()
-            counts[f"{schema}.{name}"] = int(row[0]) if row else 0
-    return counts
-
-
-def alembic_revisions(conn: PgConnection) -> list[str]:
-    """The revisions in ``alembic_version`` (empty when the table does not exist)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
-        row = cur.fetchone()
-        if not row or not row[0]:
-            return []
-        cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
-        return [str(r[0]) for r in cur.fetchall()]
-
-
 def error_tail(stderr_file: IO[bytes], default: str = "no error output") -> str:
     """The first error line a client tool wrote to ``stderr_file``, credentials removed."""
     stderr_file.seek(0)
@@ -288,3 +205,8 @@ def error_tail(stderr_file: IO[bytes], default: str = "no error output") -> str:
     ]
     errors = [line for line in lines if "error" in line.lower()] or lines
     return redactor.scrub(errors[0] if errors else default)
+
+
+def offline_environment() -> dict[str, str]:
+    """For a client tool that connects nowhere: no connection settings, password included."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,19 +12,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from rollback_cli.errors import BackupError, UsageError
-from rollback_cli.log import get_logger
-from rollback_cli.manifest import (
+from rollback_cli.backups.manifest import (
     Manifest,
     backup_key_for_manifest,
     is_manifest_key,
     manifest_key,
 )
-from rollback_cli.storage import REMOTE_SCHEMES, Storage, StoredObject, open_storage, open_uri
-from rollback_cli.storage.local import TEMP_PREFIX, LocalStorage, ensure_private_dir
+from rollback_cli.errors import BackupError, UsageError
+from rollback_cli.files import TEMP_PREFIX, ensure_private_dir
+from rollback_cli.log import get_logger
+from rollback_cli.storage import (
+    REMOTE_SCHEMES,
+    LocalStorage,
+    Storage,
+    StoredObject,
+    open_storage,
+    open_uri,
+    staging_dir,
+)
 
 if TYPE_CHECKING:
-    from rollback_cli.settings import Settings
+    from rollback_cli.settings import StorageConfig
 
 BACKUP_PREFIX = "backup_"
 
@@ -154,7 +161,7 @@ def _entry(
     )
 
 
-def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
+def locate(config: StorageConfig, environment: str, ref: str) -> tuple[Storage, str]:
     """Resolve a BACKUP argument: a local path, a ``file://`` or ``s3://`` URI, or a name in
     the configured storage. The caller closes the returned storage."""
     if not ref or not ref.strip():
@@ -163,12 +170,12 @@ def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
     if parts.scheme in REMOTE_SCHEMES:
         # The configured storage when the URI lies under it (so its prefix and environment
         # apply), else a storage opened on the URI's own bucket and prefix.
-        storage = open_storage(settings)
+        storage = open_storage(config, environment)
         root = storage.uri().rstrip("/") + "/"
         if ref.startswith(root) and "/" not in ref[len(root) :].strip("/"):
             return storage, ref[len(root) :].strip("/")
         storage.close()
-        return open_uri(settings, ref)
+        return open_uri(config, environment, ref)
     path = Path(unquote(parts.path)) if parts.scheme == "file" else Path(ref)
     if parts.scheme not in ("", "file"):
         raise UsageError(f"unsupported backup location {ref!r}")
@@ -176,7 +183,7 @@ def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
         if not path.exists():
             raise BackupError(f"backup {ref} does not exist")
         return LocalStorage(path.parent), path.name.rstrip("/")
-    storage = open_storage(settings)
+    storage = open_storage(config, environment)
     if storage.stat(ref) is None and storage.stat(manifest_key(ref)) is None:
         where = storage.uri()
         storage.close()
@@ -187,7 +194,7 @@ def locate(settings: Settings, ref: str) -> tuple[Storage, str]:
 
 
 @contextmanager
-def fetched(storage: Storage, key: str, manifest: Manifest, scratch_dir: Path) -> Iterator[Path]:
+def fetched(storage: Storage, key: str, manifest: Manifest) -> Iterator[Path]:
     """A local path holding the backup, checked against the manifest's sha256.
 
     Local backups are used in place; remote ones are downloaded to a temporary file that is
@@ -199,6 +206,7 @@ def fetched(storage: Storage, key: str, manifest: Manifest, scratch_dir: Path) -
             raise BackupError(f"backup {key} does not exist")
         yield local
         return
+    scratch_dir = staging_dir(storage)
     ensure_private_dir(scratch_dir)
     temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}download-", dir=scratch_dir))
     try:
@@ -273,13 +281,3 @@ def cleanup_backups(
         holder.delete(entry.key)
         logger.info("removed backup", **fields)
     return CleanupResult(removed, kept, dry_run)
-
-
-def age_text(when: datetime | None, now: float | None = None) -> str:
-    if when is None:
-        return "?"
-    seconds = max(0.0, (now or time.time()) - when.timestamp())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"

@@ -1,5 +1,7 @@
 """Alembic from code: resolve revisions, render downgrade SQL offline, downgrade in-process.
 
+alembic and sqlalchemy are imported inside the functions that use them: they are heavy.
+
 The URL handed to env.py names the installed driver (``postgresql+psycopg2://``) unless
 the user chose one, because SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3.
 Timeouts travel as libpq ``options`` in that URL, so they apply whatever env.py does.
@@ -13,7 +15,8 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ConfigError, OperationFailed, Refused, UsageError
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    from rollback_cli.settings import ConnInfo, Settings
+    from rollback_cli.settings import ConnInfo
 
 BASE = "base"
 _DROP = re.compile(r"\bDROP\s+(TABLE|COLUMN)\b(?:\s+IF\s+EXISTS)?\s+([\w.\"]+)?", re.IGNORECASE)
@@ -61,8 +64,6 @@ class RevisionStep:
 
 
 def alembic_url(conninfo: ConnInfo, timeouts: Timeouts | None = None) -> str:
-    from dataclasses import replace
-
     options = dict(conninfo.options)
     if timeouts is not None:
         pg_options = options.get("options", "")
@@ -73,10 +74,9 @@ def alembic_url(conninfo: ConnInfo, timeouts: Timeouts | None = None) -> str:
     return info.to_url(driver=conninfo.driver or "psycopg2")
 
 
-def load_config(settings: Settings, url: str | None = None) -> Config:
+def load_config(path: Path, url: str | None = None) -> Config:
     from alembic.config import Config
 
-    path = settings.alembic_config
     if not path.is_file():
         raise ConfigError(f"Alembic config {path} not found (set --alembic-config)")
     config = Config(str(path))
@@ -102,8 +102,8 @@ def script_directory(config: Config) -> ScriptDirectory:
         raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
 
 
-def head_revisions(settings: Settings) -> list[str]:
-    return list(script_directory(load_config(settings)).get_heads())
+def head_revisions(path: Path) -> list[str]:
+    return list(script_directory(load_config(path)).get_heads())
 
 
 @contextmanager

@@ -5,32 +5,39 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from rollback_cli import pg
-from rollback_cli.errors import UsageError
+from rollback_cli.backups.catalog import locate, read_manifest
+from rollback_cli.checks import Check, failures, summary
+from rollback_cli.errors import OperationFailed, UsageError
 from rollback_cli.log import get_logger, step
+from rollback_cli.postgres.catalog import (
+    alembic_revisions,
+    run_boolean_check,
+    table_row_counts,
+)
+from rollback_cli.postgres.connection import connect
 
 if TYPE_CHECKING:
-    from rollback_cli.manifest import Manifest
-    from rollback_cli.settings import ConnInfo
+    from rollback_cli.backups.manifest import Manifest
+    from rollback_cli.settings import ConnInfo, StorageConfig, Target
 
 _NAME = re.compile(r"^--\s*name:\s*(.+)$", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass
 class ValidationReport:
-    checks: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
 
     def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append({"check": name, "ok": ok, "detail": detail})
+        self.checks.append(Check.of(name, ok, detail))
 
     @property
-    def failures(self) -> list[dict[str, Any]]:
-        return [c for c in self.checks if not c["ok"]]
+    def failures(self) -> list[Check]:
+        return failures(self.checks)
 
     def summary(self) -> str:
-        return "; ".join(f"{c['check']}: {c['detail']}" for c in self.failures)
+        return summary(self.checks)
 
 
 def read_checks_file(path: Path) -> list[tuple[str, str]]:
@@ -62,10 +69,10 @@ def validate_database(
     report = ValidationReport()
     checks = read_checks_file(checks_file) if checks_file else []
     with step("validate"):
-        conn = pg.connect(conninfo)
+        conn = connect(conninfo)
         try:
             report.add("connectivity", True, f"connected to {conninfo.dbname}")
-            revisions = pg.alembic_revisions(conn)
+            revisions = alembic_revisions(conn)
             if expected_revisions is not None:
                 ok = sorted(revisions) == sorted(expected_revisions)
                 report.add(
@@ -75,7 +82,7 @@ def validate_database(
                     + ("" if ok else f", expected {','.join(expected_revisions) or 'none'}"),
                 )
             if manifest is not None and manifest.has_data:
-                counts = pg.table_row_counts(conn)
+                counts = table_row_counts(conn)
                 diffs = [
                     f"{table}: {counts.get(table, 'missing')} rows, manifest {expected}"
                     for table, expected in sorted(manifest.row_counts.items())
@@ -89,26 +96,36 @@ def validate_database(
                     else f"{len(manifest.row_counts)} tables match the manifest",
                 )
             for name, sql in checks:
-                report.add(name, *_run_check(conn, sql))
+                report.add(name, *run_boolean_check(conn, sql))
         finally:
             conn.close()
     for check in report.checks:
-        logger.info(
-            "validation check", check=check["check"], ok=check["ok"], detail=check["detail"]
-        )
+        logger.info("validation check", check=check.name, ok=check.ok, detail=check.detail)
     return report
 
 
-def _run_check(conn: Any, sql: str) -> tuple[bool, str]:
-    import psycopg2
-
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            row = cur.fetchone()
-    except psycopg2.Error as exc:
-        conn.rollback() if not conn.autocommit else None
-        return False, f"query failed: {str(exc).strip().splitlines()[0]}"
-    if row is None or len(row) != 1 or not isinstance(row[0], bool):
-        return False, f"expected one boolean, got {row!r}"
-    return bool(row[0]), "true" if row[0] else "returned false"
+def validate(
+    target: Target,
+    storage: StorageConfig,
+    *,
+    backup_ref: str | None = None,
+    expected_revision: str | None = None,
+    checks_file: Path | None = None,
+) -> list[Check]:
+    """The checks of ``validate``: raises OperationFailed (exit 5) when one fails."""
+    manifest = None
+    if backup_ref:
+        store, key = locate(storage, target.environment, backup_ref)
+        try:
+            manifest = read_manifest(store, key)
+        finally:
+            store.close()
+    report = validate_database(
+        target.conninfo,
+        expected_revisions=[expected_revision] if expected_revision else None,
+        manifest=manifest,
+        checks_file=checks_file,
+    )
+    if report.failures:
+        raise OperationFailed(f"validation failed: {report.summary()}")
+    return report.checks

@@ -1,0 +1,1 @@
+"""Throwaway servers and data helpers shared by tests, benchmarks and the demo; not in the wheel."""

@@ -1,0 +1,372 @@
+"""The Python face of db-rollback: one function per command.
+
+Each function takes explicit, typed inputs (a :class:`~rollback_cli.settings.Target`, a
+:class:`~rollback_cli.settings.StorageConfig`, :class:`~rollback_cli.settings.RunOptions`),
+enforces every guard itself (production confirmation, cross-environment refusal, locks)
+and returns a typed result whose ``to_document()`` is the JSON document ``--json`` prints.
+Failures raise :class:`~rollback_cli.errors.RollbackError` subclasses whose ``exit_code``
+is the one the command line documents. Logging is silent until
+:func:`rollback_cli.log.configure` is called.
+
+Example::
+
+    from rollback_cli import api
+    from rollback_cli.settings import RunOptions, StorageConfig, Target
+
+    target = Target.resolve("postgresql://app@localhost/shop", environment="staging")
+    storage = StorageConfig(backup_dir=Path("backups"))
+    created = api.backup_create(target, storage)
+    api.rollback_data(target, storage, created.backup.key)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rollback_cli import API
+from rollback_cli.backups.catalog import BackupEntry, cleanup_backups, list_backups
+from rollback_cli.backups.create import BackupRequest, BackupResult, create_backup, plan_backup
+from rollback_cli.backups.dump import ProgressCallback
+from rollback_cli.backups.verify import VerifyResult, verify_backup
+from rollback_cli.checks import Check
+from rollback_cli.errors import UsageError
+from rollback_cli.rollback.artifacts import (
+    STALE_TEMP_SECONDS,
+    CleanupReport,
+    kept_databases_if_reachable,
+)
+from rollback_cli.rollback.artifacts import (
+    cleanup_artifacts as _cleanup_artifacts,
+)
+from rollback_cli.rollback.data import DataRollback
+from rollback_cli.rollback.full import FullRollback
+from rollback_cli.rollback.lifecycle import (
+    RollbackOptions,
+    RollbackResult,
+    rollback_context,
+    run_rollback,
+)
+from rollback_cli.rollback.migrations import Timeouts as Timeouts
+from rollback_cli.rollback.schema import SchemaRollback
+from rollback_cli.rollback.status import preflight
+from rollback_cli.rollback.undo import UndoRollback
+from rollback_cli.rollback.validate import validate as _validate
+from rollback_cli.settings import RunOptions, StorageConfig, Target
+from rollback_cli.storage import open_storage
+
+__all__ = list(API)  # the package lists the API once, for both import paths
+
+NO_RUN = RunOptions()
+
+
+# --- backups ------------------------------------------------------------------------------
+
+
+@dataclass
+class BackupCreated:
+    """A backup that was stored, or (dry run) the plan of one."""
+
+    backup: BackupResult | None = None
+    plan: list[dict[str, str]] | None = None
+
+    def to_document(self) -> dict[str, Any]:
+        if self.backup is None:
+            return {"plan": self.plan}
+        created, manifest = self.backup, self.backup.manifest
+        return {
+            "backup_file": str(created.local_path) if created.local_path else created.key,
+            "backup_key": created.key,
+            "backup_sha256": manifest.sha256,
+            "backup_uri": created.uri,
+            "backup_size": manifest.size,
+            "revision_before": manifest.alembic_revision,
+            "revision_after": manifest.alembic_revision,
+            "row_counts": manifest.row_counts,
+        }
+
+
+def backup_create(
+    target: Target,
+    storage: StorageConfig,
+    request: BackupRequest | None = None,
+    *,
+    run: RunOptions = NO_RUN,
+    progress: ProgressCallback | None = None,
+) -> BackupCreated:
+    """Dump ``target`` with a snapshot-consistent manifest into ``storage``."""
+    request = request or BackupRequest()
+    store = open_storage(storage, target.environment)
+    try:
+        if run.dry_run:
+            return BackupCreated(plan=plan_backup(target, store, request))
+        return BackupCreated(
+            backup=create_backup(
+                target, store, request, keep_local=storage.keep_local, progress=progress
+            )
+        )
+    finally:
+        store.close()
+
+
+@dataclass
+class BackupListing:
+    backups: list[BackupEntry]
+    kept_databases: list[dict[str, str | None]]
+    listed_at: float = field(default_factory=time.time)
+
+    def to_document(self) -> dict[str, Any]:
+        rows = []
+        for entry in self.backups:
+            row = entry.to_dict()
+            created = entry.created
+            row["age_seconds"] = (
+                max(0, round(self.listed_at - created.timestamp())) if created else None
+            )
+            rows.append(row)
+        return {"outcome": "success", "backups": rows, "kept_databases": self.kept_databases}
+
+
+def backup_list(
+    storage: StorageConfig, environment: str, target: Target | None = None
+) -> BackupListing:
+    """Backups in ``storage`` (and its staging directory), newest first; with a reachable
+    ``target``, also the pre-rollback databases ``rollback undo`` can swap back."""
+    store = open_storage(storage, environment)
+    try:
+        entries = list_backups(store)
+    finally:
+        store.close()
+    return BackupListing(entries, kept_databases_if_reachable(target))
+
+
+@dataclass
+class BackupVerified:
+    result: VerifyResult
+    restore_test_planned: bool = False
+    dry_run: bool = False
+
+    def to_document(self) -> dict[str, Any]:
+        result = self.result
+        plan = None
+        if self.restore_test_planned:
+            plan = [
+                {
+                    "step": "restore-test",
+                    "detail": f"restore {result.key} into a scratch database, compare row "
+                    "counts and revision with the manifest, drop it",
+                }
+            ]
+        return {
+            "outcome": "dry_run" if self.dry_run else "success",
+            "backup_file": result.key,
+            "backup_sha256": result.manifest.sha256,
+            "backup_uri": result.uri,
+            "revision_after": result.manifest.alembic_revision,
+            "checks": [c.to_dict() for c in result.checks],
+            "restore_test": result.restore_test,
+            "plan": plan,
+        }
+
+
+def backup_verify(
+    storage: StorageConfig,
+    environment: str,
+    ref: str,
+    *,
+    target: Target | None = None,
+    pg_bin_dir: Path | None = None,
+    restore_test: bool = False,
+    run: RunOptions = NO_RUN,
+) -> BackupVerified:
+    """Check a backup's manifest, size, sha256 and readability; ``restore_test`` also
+    restores it into a scratch database on ``target``'s server (a dry run only plans that,
+    since it creates a database)."""
+    if restore_test and target is None and not run.dry_run:
+        raise UsageError("a restore test needs a database server: pass a target")
+    result = verify_backup(
+        storage,
+        environment,
+        ref,
+        pg_bin_dir=target.pg_bin_dir if target else pg_bin_dir,
+        target=target if restore_test and not run.dry_run else None,
+    )
+    return BackupVerified(result, restore_test and run.dry_run, run.dry_run)
+
+
+@dataclass
+class BackupsCleaned:
+    removed: list[BackupEntry]
+    kept: list[BackupEntry]
+
+    def to_document(self) -> dict[str, Any]:
+        return {"removed": [e.key for e in self.removed], "kept": [e.key for e in self.kept]}
+
+
+def backup_cleanup(
+    storage: StorageConfig,
+    environment: str,
+    *,
+    older_than_seconds: float,
+    keep_last: int = 1,
+    run: RunOptions = NO_RUN,
+) -> BackupsCleaned:
+    """Apply retention to ``environment``'s backups; a dry run removes nothing."""
+    store = open_storage(storage, environment)
+    try:
+        result = cleanup_backups(
+            store,
+            environment=environment,
+            older_than_seconds=older_than_seconds,
+            keep_last=keep_last,
+            dry_run=run.dry_run,
+        )
+    finally:
+        store.close()
+    return BackupsCleaned(result.removed, result.kept)
+
+
+# --- preflight and validation -------------------------------------------------------------
+
+
+@dataclass
+class StatusResult:
+    checks: list[Check]
+    current_revision: str | None
+    head_revision: str | None
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "outcome": "success",
+            "checks": [c.to_dict() for c in self.checks],
+            "revision_before": self.current_revision,
+            "revision_after": self.current_revision,
+            "head_revision": self.head_revision,
+        }
+
+
+def status(target: Target) -> StatusResult:
+    """Preflight: connection, versions, privileges, revisions, locks, sessions. Raises
+    ConfigError (exit 3) or Refused (exit 7) when a rollback could not run."""
+    report = preflight(target)
+    return StatusResult(report.checks, report.current_revision, report.head_revision)
+
+
+@dataclass
+class ValidationResult:
+    checks: list[Check]
+
+    def to_document(self) -> dict[str, Any]:
+        return {"outcome": "success", "validation": [c.to_dict() for c in self.checks]}
+
+
+def validate(
+    target: Target,
+    storage: StorageConfig,
+    *,
+    backup_ref: str | None = None,
+    expected_revision: str | None = None,
+    checks_file: Path | None = None,
+) -> ValidationResult:
+    """Connectivity, revision, the manifest's row counts, SQL checks; OperationFailed
+    (exit 5) when any fails."""
+    return ValidationResult(
+        _validate(
+            target,
+            storage,
+            backup_ref=backup_ref,
+            expected_revision=expected_revision,
+            checks_file=checks_file,
+        )
+    )
+
+
+@dataclass
+class ArtifactsCleaned:
+    report: CleanupReport
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "databases": self.report.databases,
+            "tables": self.report.tables,
+            "files": self.report.files,
+            "kept_databases": self.report.kept,
+        }
+
+
+def cleanup_artifacts(
+    target: Target,
+    storage: StorageConfig,
+    *,
+    keep_days: float = 7,
+    temp_age_seconds: float = STALE_TEMP_SECONDS,
+    run: RunOptions = NO_RUN,
+) -> ArtifactsCleaned:
+    """Drop kept databases past ``keep_days``, stray scratch databases, Alembic temp tables
+    and temp files; needs confirmation in protected environments."""
+    return ArtifactsCleaned(
+        _cleanup_artifacts(
+            target, storage, run, keep_days=keep_days, temp_age_seconds=temp_age_seconds
+        )
+    )
+
+
+# --- rollbacks ----------------------------------------------------------------------------
+
+
+def rollback_data(
+    target: Target,
+    storage: StorageConfig,
+    backup_ref: str,
+    options: RollbackOptions | None = None,
+    *,
+    run: RunOptions = NO_RUN,
+) -> RollbackResult:
+    """Restore a verified backup in place of the live database (swap or in-place)."""
+    ctx = rollback_context(target, storage, run, options or RollbackOptions())
+    return run_rollback(DataRollback(ctx, backup_ref))
+
+
+def rollback_schema(
+    target: Target,
+    storage: StorageConfig,
+    to_revision: str,
+    options: RollbackOptions | None = None,
+    *,
+    run: RunOptions = NO_RUN,
+) -> RollbackResult:
+    """Downgrade with Alembic (in-process) to an ancestor of the current revision."""
+    ctx = rollback_context(target, storage, run, options or RollbackOptions())
+    return run_rollback(SchemaRollback(ctx, to_revision))
+
+
+def rollback_full(
+    target: Target,
+    storage: StorageConfig,
+    to_revision: str,
+    backup_ref: str | None = None,
+    options: RollbackOptions | None = None,
+    *,
+    run: RunOptions = NO_RUN,
+) -> RollbackResult:
+    """The data rollback from ``backup_ref`` (when given), then the schema rollback."""
+    ctx = rollback_context(target, storage, run, options or RollbackOptions())
+    if backup_ref is None:
+        result = run_rollback(SchemaRollback(ctx, to_revision))
+        result.kind = "full"
+        return result
+    return run_rollback(FullRollback(ctx, backup_ref, to_revision))
+
+
+def rollback_undo(
+    target: Target,
+    storage: StorageConfig,
+    options: RollbackOptions | None = None,
+    *,
+    run: RunOptions = NO_RUN,
+) -> RollbackResult:
+    """Swap the database kept by the last data rollback back in."""
+    ctx = rollback_context(target, storage, run, options or RollbackOptions())
+    return run_rollback(UndoRollback(ctx))

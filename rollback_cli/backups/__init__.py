@@ -1,0 +1,1 @@
+"""Backups: create (pg_dump with a manifest), the catalog of stored backups, verification."""

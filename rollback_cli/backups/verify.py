@@ -1,0 +1,195 @@
+"""Verification: manifest, size, sha256, archive readability, and a real restore test.
+
+:func:`prepared_backup` is the one way a stored backup becomes a checked local file; both
+``backup verify`` and every rollback that restores a backup go through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.backups.catalog import fetched, locate, read_manifest
+from rollback_cli.backups.manifest import Manifest, backup_key_for_manifest, is_manifest_key
+from rollback_cli.backups.scratch import RestoreFailed, restored_copy
+from rollback_cli.checks import Check
+from rollback_cli.errors import BackupError
+from rollback_cli.log import get_logger, step
+from rollback_cli.postgres.clients import ClientTools, find_client
+from rollback_cli.postgres.connection import maintenance_connection
+from rollback_cli.postgres.names import VERIFY_MARK
+from rollback_cli.postgres.restore import check_archive_readable
+from rollback_cli.storage.base import sha256_artifact
+
+if TYPE_CHECKING:
+    from rollback_cli.settings import StorageConfig, Target
+    from rollback_cli.storage import Storage
+
+
+@dataclass
+class VerifiedBackup:
+    """A stored backup whose manifest, size, checksum and readability were checked, and the
+    local file that holds it while it is in use."""
+
+    storage: Storage
+    key: str
+    manifest: Manifest
+    local: Path
+    tools: ClientTools
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def uri(self) -> str:
+        return self.storage.uri(self.key)
+
+
+@dataclass
+class VerifyResult:
+    key: str
+    uri: str
+    manifest: Manifest
+    checks: list[Check] = field(default_factory=list)
+    restore_test: dict[str, Any] | None = None
+
+
+def manifest_client_major(manifest: Manifest) -> int:
+    try:
+        return int(manifest.pg_dump_version.split(".")[0])
+    except ValueError:
+        return 0
+
+
+@contextmanager
+def prepared_backup(
+    storage: Storage,
+    key: str,
+    *,
+    pg_bin_dir: Path | None,
+    admit: Callable[[Manifest], None] | None = None,
+) -> Iterator[VerifiedBackup]:
+    """The backup at ``key``, checked and on local disk for the duration of the block.
+
+    Raises BackupError (exit 4) at the first failed check. ``admit`` sees the manifest
+    before anything is downloaded and may refuse the backup for its own reasons.
+    """
+    manifest = read_manifest(storage, key)
+    checks = [
+        Check.of(
+            "manifest",
+            True,
+            f"format {manifest.manifest_version}, {manifest.type}/{manifest.format}",
+        )
+    ]
+    stored = storage.stat(key)
+    if stored is None:
+        raise BackupError(f"backup {key} is listed in its manifest but the file is missing")
+    if stored.size != manifest.size:
+        raise BackupError(
+            f"backup {key} is {stored.size} bytes but its manifest says {manifest.size}: "
+            "truncated or replaced"
+        )
+    checks.append(Check.of("size", True, f"{stored.size} bytes"))
+    if admit is not None:
+        admit(manifest)
+    tools = find_client(manifest_client_major(manifest), pg_bin_dir, purpose="archive's pg_dump")
+    with fetched(storage, key, manifest) as local:
+        with step("verify-checksum", backup=key):
+            checks += check_local(tools, local, manifest)
+        yield VerifiedBackup(storage, key, manifest, local, tools, checks)
+
+
+def check_local(tools: ClientTools, local: Path, manifest: Manifest) -> list[Check]:
+    """Checksum and readability of a backup already on local disk."""
+    actual = sha256_artifact(local)
+    if actual != manifest.sha256:
+        raise BackupError(
+            f"backup {manifest.file_name} fails its checksum (sha256 {actual[:12]}…, manifest "
+            f"{manifest.sha256[:12]}…): corrupt or modified"
+        )
+    entries = check_archive_readable(tools, local, manifest.format)
+    readable = (
+        f"pg_restore --list: {entries} entries"
+        if manifest.format != "plain"
+        else "header and completion trailer present"
+    )
+    return [Check.of("sha256", True, actual), Check.of("readable", True, readable)]
+
+
+def verify_backup(
+    config: StorageConfig,
+    environment: str,
+    ref: str,
+    *,
+    pg_bin_dir: Path | None = None,
+    target: Target | None = None,
+) -> VerifyResult:
+    """Verify the backup ``ref`` names; with a ``target``, also restore it into a scratch
+    database on that server (the restore test)."""
+    storage, key = locate(config, environment, ref)
+    if is_manifest_key(key) and storage.stat(backup_key_for_manifest(key)) is not None:
+        key = backup_key_for_manifest(key)  # the manifest's path was given: verify its backup
+    try:
+        with (
+            step("verify", backup=key),
+            prepared_backup(storage, key, pg_bin_dir=pg_bin_dir) as backup,
+        ):
+            result = VerifyResult(key, backup.uri, backup.manifest, list(backup.checks))
+            if target is not None:
+                result.restore_test = run_restore_test(target, backup)
+                result.checks.append(
+                    Check.of("restore-test", True, "restored into a scratch database and compared")
+                )
+    finally:
+        storage.close()
+    get_logger().info(
+        "backup verified",
+        backup=key,
+        sha256=result.manifest.sha256,
+        restore_test=target is not None,
+    )
+    return result
+
+
+def run_restore_test(target: Target, backup: VerifiedBackup) -> dict[str, Any]:
+    """Restore into a scratch database, compare row counts and revision, drop it."""
+    manifest = backup.manifest
+    with step("restore-test") as details:
+        admin = maintenance_connection(target.conninfo)
+        try:
+            with restored_copy(
+                admin,
+                target,
+                backup.tools,
+                backup.local,
+                manifest,
+                VERIFY_MARK,
+                purpose="the restore test",
+            ) as copy:
+                comparison = copy.comparison
+        except RestoreFailed as exc:
+            # The backup cannot be restored here: it fails verification (exit 4).
+            raise BackupError(
+                f"restore test of {manifest.file_name} failed: {exc.message}"
+            ) from None
+        finally:
+            admin.close()
+        details.update(comparison)
+    if comparison["mismatches"]:
+        raise BackupError(
+            f"restore test of {manifest.file_name} does not match its manifest: "
+            + "; ".join(comparison["mismatches"][:5])
+        )
+    return comparison
+
+
+__all__ = [
+    "VerifiedBackup",
+    "VerifyResult",
+    "check_local",
+    "prepared_backup",
+    "run_restore_test",
+    "verify_backup",
+]

@@ -1,0 +1,147 @@
+"""Running one command: the one place where results and exceptions become output and the
+process's exit status.
+
+The core is imported here, when a command runs, and not when the command line is parsed:
+``db-rollback --help`` stays fast and never loads psycopg2, alembic or boto3.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType, ModuleType
+from typing import Any, Protocol
+
+import click
+
+from rollback_cli import __version__
+from rollback_cli.cli.options import App
+from rollback_cli.errors import ExitCode, Interrupted, RollbackError
+
+Renderer = Callable[[dict[str, Any]], None]
+
+
+class Result(Protocol):
+    def to_document(self) -> dict[str, Any]: ...
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def execute(
+    app: App,
+    command: str,
+    call: Callable[[ModuleType], Result],
+    render: Renderer | None = None,
+) -> None:
+    """Run ``call(api)`` with logging set up, print its result, exit with the documented
+    code."""
+    sys.exit(int(run(app, command, call, render)))
+
+
+def run(
+    app: App,
+    command: str,
+    call: Callable[[ModuleType], Result],
+    render: Renderer | None = None,
+) -> ExitCode:
+    """``call(api)`` as one logged, audited run; print the result; return the exit code."""
+    from rollback_cli import api, log
+
+    run_id = log.new_run_id()
+    log_file = log.configure(
+        log_dir=app.log_dir,
+        environment=app.environment,
+        command=command,
+        log_format=app.log_format,
+        level=app.log_level,
+        run_id=run_id,
+    )
+    started = time.monotonic()
+    result, code, outcome, message = _call(app, call, api, log)
+    document = _document(command, code, outcome, run_id, app.environment, log_file, message)
+    if code == ExitCode.OK:
+        document["outcome"] = result.pop("outcome", outcome)
+    document.update({k: v for k, v in result.items() if k not in ("command", "exit_code")})
+    log.get_logger().info(
+        "audit",
+        outcome=document["outcome"],
+        exit_code=int(code),
+        duration_ms=round((time.monotonic() - started) * 1000),
+        message=message,
+        backup_file=document["backup_file"],
+        revision_before=document["revision_before"],
+        revision_after=document["revision_after"],
+        dry_run=app.dry_run,
+    )
+    log.shutdown()
+    document = log.redactor.scrub_value(document)
+    if app.json_output:
+        click.echo(json.dumps(document, indent=2, default=str))
+    elif code == ExitCode.OK and render is not None:
+        render(document)
+    if message is not None:
+        click.echo(f"db-rollback: error: {message}", err=True)
+    return code
+
+
+def _call(
+    app: App, call: Callable[[ModuleType], Result], api: ModuleType, log: ModuleType
+) -> tuple[dict[str, Any], ExitCode, str, str | None]:
+    """Run the command: its document, exit code, outcome and error message (if any)."""
+    logger = log.get_logger()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        logger.info(
+            "command started",
+            version=__version__,
+            dry_run=app.dry_run,
+            storage=app.storage.display,
+        )
+        result = call(api).to_document()
+        return result, ExitCode.OK, "dry_run" if app.dry_run else "success", None
+    except RollbackError as exc:
+        message = exc.one_line()
+        logger.error(message, exit_code=int(exc.exit_code), outcome=exc.outcome)
+        return {}, exc.exit_code, exc.outcome, message
+    except KeyboardInterrupt:
+        interrupted = Interrupted("interrupted; the database is left as the log describes")
+        logger.error("interrupted", exit_code=int(interrupted.exit_code))
+        return {}, interrupted.exit_code, interrupted.outcome, interrupted.message
+    except Exception as exc:
+        message = f"unexpected error: {log.redactor.scrub(f'{type(exc).__name__}: {exc}')}"
+        logger.exception("unexpected error", exit_code=int(ExitCode.UNEXPECTED))
+        return {}, ExitCode.UNEXPECTED, "error", " ".join(message.split())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _document(
+    command: str,
+    code: ExitCode,
+    outcome: str,
+    run_id: str,
+    environment: str,
+    log_file: Any,
+    message: str | None,
+) -> dict[str, Any]:
+    """The fields every result document has, whatever the command."""
+    return {
+        "command": command,
+        "outcome": outcome,
+        "exit_code": int(code),
+        "run_id": run_id,
+        "environment": environment,
+        "log_file": str(log_file) if log_file else None,
+        "message": message,
+        "backup_file": None,
+        "backup_sha256": None,
+        "backup_uri": None,
+        "revision_before": None,
+        "revision_after": None,
+        "plan": None,
+    }

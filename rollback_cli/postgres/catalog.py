@@ -1,0 +1,228 @@
+"""Read-only catalog queries: row counts, revisions, privileges, database properties."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import ConfigError
+from rollback_cli.postgres.connection import quote_ident
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
+
+
+def table_row_counts(conn: PgConnection) -> dict[str, int]:
+    """Exact row counts of every ordinary and partitioned user table, as seen by ``conn``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT n.nspname, c.relname
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+            ORDER BY 1, 2
+            """
+        )
+        tables = [(str(schema), str(name)) for schema, name in cur.fetchall()]
+        counts: dict[str, int] = {}
+        for schema, name in tables:
+            cur.execute(f"SELECT count(*) FROM {quote_ident(schema)}.{quote_ident(name)}")
+            row = cur.fetchone()
+            counts[f"{schema}.{name}"] = int(row[0]) if row else 0
+    return counts
+
+
+def alembic_revisions(conn: PgConnection) -> list[str]:
+    """The revisions in ``alembic_version`` (empty when the table does not exist)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return []
+        cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
+        return [str(r[0]) for r in cur.fetchall()]
+
+
+def role_privileges(conn: PgConnection) -> dict[str, bool]:
+    """superuser, createdb and can_terminate (pg_signal_backend) of the current role."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT r.rolsuper, r.rolcreatedb,
+                   r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')
+            FROM pg_roles r WHERE r.rolname = current_user
+            """
+        )
+        row = cur.fetchone()
+    superuser, createdb, can_terminate = row if row else (False, False, False)
+    return {
+        "superuser": bool(superuser),
+        "createdb": bool(createdb or superuser),
+        "can_terminate": bool(can_terminate),
+    }
+
+
+def owns_database(conn: PgConnection, dbname: str) -> bool:
+    """Whether the current role is (a member of) the owner of ``dbname``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_has_role(current_user, datdba, 'MEMBER') FROM pg_database "
+            "WHERE datname = %s",
+            (dbname,),
+        )
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def database_exists(conn: PgConnection, dbname: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
+        return cur.fetchone() is not None
+
+
+def databases_starting_with(conn: PgConnection, prefix: str) -> list[str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,))
+        return [str(r[0]) for r in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class DatabaseProperties:
+    name: str
+    owner: str
+    encoding: str
+    collate: str
+    ctype: str
+    tablespace: str
+    locale_provider: str | None
+    icu_locale: str | None
+
+
+def database_properties(conn: PgConnection, dbname: str) -> DatabaseProperties:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT d.datname, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding),
+                   d.datcollate, d.datctype, t.spcname
+            FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace
+            WHERE d.datname = %s
+            """,
+            (dbname,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise ConfigError(f"database {dbname} does not exist")
+        provider = icu = None
+        if conn.server_version >= 150000:
+            cur.execute(
+                "SELECT datlocprovider::text, "
+                + ("datlocale" if conn.server_version >= 170000 else "daticulocale")
+                + " FROM pg_database WHERE datname = %s",
+                (dbname,),
+            )
+            extra = cur.fetchone()
+            if extra:
+                provider, icu = extra
+    name, owner, encoding, collate, ctype, tablespace = (str(v) for v in row)
+    return DatabaseProperties(name, owner, encoding, collate, ctype, tablespace, provider, icu)
+
+
+@dataclass(frozen=True)
+class DatabaseLevelState:
+    """What lives on the database object itself, not inside it."""
+
+    settings: list[tuple[str | None, str]]  # (role or None, "name=value")
+    acl: list[tuple[str, str, bool]] | None  # (grantee or PUBLIC, privilege, grantable)
+    connection_limit: int
+    comment: str | None
+
+
+def read_database_state(conn: Any, dbname: str) -> DatabaseLevelState:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END,
+                   unnest(s.setconfig)
+            FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase
+            WHERE d.datname = %s ORDER BY 1 NULLS FIRST, 2
+            """,
+            (dbname,),
+        )
+        settings = [(r[0], str(r[1])) for r in cur.fetchall()]
+        cur.execute(
+            "SELECT datacl IS NULL, datconnlimit, shobj_description(oid, 'pg_database') "
+            "FROM pg_database WHERE datname = %s",
+            (dbname,),
+        )
+        row = cur.fetchone()
+        assert row is not None
+        acl_is_default, connlimit, comment = row
+        acl: list[tuple[str, str, bool]] | None = None
+        if not acl_is_default:
+            cur.execute(
+                """
+                SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                       a.privilege_type, a.is_grantable
+                FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s
+                """,
+                (dbname,),
+            )
+            acl = [(str(g), str(p), bool(x)) for g, p, x in cur.fetchall()]
+    return DatabaseLevelState(settings, acl, int(connlimit), comment)
+
+
+def user_schemas(conn: PgConnection) -> list[str]:
+    """Every schema but PostgreSQL's own."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
+            "AND nspname <> 'information_schema'"
+        )
+        return [str(r[0]) for r in cur.fetchall()]
+
+
+def alembic_temp_tables(conn: PgConnection) -> list[tuple[str, str]]:
+    """(schema, table) of tables Alembic's batch mode left behind (``_alembic_tmp_*``)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT schemaname, tablename FROM pg_tables "
+            "WHERE starts_with(tablename, '_alembic_tmp_')"
+        )
+        return [(str(s), str(t)) for s, t in cur.fetchall()]
+
+
+def risky_sessions(conn: PgConnection, dbname: str, seconds: int) -> list[tuple[Any, ...]]:
+    """(pid, application_name, state, age in s) of sessions idle in a transaction or in one
+    for longer than ``seconds``: they would block a rollback."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT pid, coalesce(application_name, ''), state,
+                   extract(epoch FROM now() - xact_start)::int
+            FROM pg_stat_activity
+            WHERE datname = %s AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+              AND (state = 'idle in transaction' OR now() - xact_start > make_interval(secs => %s))
+            ORDER BY xact_start
+            """,
+            (dbname, seconds),
+        )
+        return list(cur.fetchall())
+
+
+def run_boolean_check(conn: PgConnection, sql: str) -> tuple[bool, str]:
+    """Run an operator's check query, which must return one boolean: (passed, detail)."""
+    import psycopg2
+
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            row = cur.fetchone()
+    except psycopg2.Error as exc:
+        if not conn.autocommit:
+            conn.rollback()
+        return False, f"query failed: {str(exc).strip().splitlines()[0]}"
+    if row is None or len(row) != 1 or not isinstance(row[0], bool):
+        return False, f"expected one boolean, got {row!r}"
+    return bool(row[0]), "true" if row[0] else "returned false"

@@ -1,0 +1,334 @@
+"""Restoring archives with pg_restore or psql, and checking that they can be read."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from rollback_cli.errors import BackupError, OperationFailed, Refused
+from rollback_cli.log import get_logger, redactor
+from rollback_cli.postgres.catalog import user_schemas
+from rollback_cli.postgres.clients import (
+    ClientTools,
+    child_environment,
+    error_tail,
+    offline_environment,
+)
+from rollback_cli.postgres.connection import connect, quote_ident, server_major
+
+if TYPE_CHECKING:
+    from rollback_cli.settings import ConnInfo
+
+PLAIN_HEADER = b"-- PostgreSQL database dump"
+PLAIN_TRAILER = b"-- PostgreSQL database dump complete"
+
+
+def check_archive_readable(tools: ClientTools, artifact: Path, fmt: str) -> int:
+    """``pg_restore --list`` (or the plain header/trailer); returns the number of TOC entries."""
+    if fmt == "plain":
+        return _check_plain(artifact)
+    result = subprocess.run(
+        [tools.pg_restore, "--list", str(artifact)],
+        capture_output=True,
+        timeout=600,
+        check=False,
+        env=offline_environment(),
+    )
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = redactor.scrub(message[0]) if message else f"exit {result.returncode}"
+        if "unsupported version" in reason:
+            raise Refused(
+                f"pg_restore {tools.version} cannot read this archive: {reason}",
+                hint="install a newer PostgreSQL client or pass --pg-bin-dir",
+            )
+        raise BackupError(f"pg_restore cannot read {artifact.name}: {reason}")
+    return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
+
+
+def _psql_argv(
+    tools: ClientTools, preamble: Path | None, script: str, *, single_transaction: bool
+) -> list[str]:
+    """psql running ``preamble`` (if any) then ``script`` (a path, or - for stdin)."""
+    argv = [tools.psql, "--no-password", "--no-psqlrc", "--quiet", "-v", "ON_ERROR_STOP=1"]
+    if preamble is not None:
+        argv.append(f"--file={preamble}")
+    argv.append(f"--file={script}")
+    if single_transaction:
+        argv.append("--single-transaction")
+    return argv
+
+
+def _check_plain(artifact: Path) -> int:
+    size = artifact.stat().st_size
+    with artifact.open("rb") as handle:
+        head = handle.read(4096)
+        handle.seek(max(0, size - 4096))
+        tail = handle.read()
+    if PLAIN_HEADER not in head:
+        raise BackupError(f"{artifact.name} is not a plain pg_dump script (header missing)")
+    if PLAIN_TRAILER not in tail:
+        raise BackupError(f"{artifact.name} is truncated: the dump's completion trailer is missing")
+    return 0
+
+
+def restore_into(
+    tools: ClientTools,
+    conninfo: ConnInfo,
+    dbname: str,
+    artifact: Path,
+    fmt: str,
+    *,
+    jobs: int = 1,
+    no_owner: bool = False,
+    clean: bool = False,
+    single_transaction: bool = False,
+    preamble: Path | None = None,
+    server_major_version: int | None = None,
+) -> None:
+    """Restore ``artifact`` (of pg_dump format ``fmt``) into ``dbname``; OperationFailed with
+    the first error on failure. ``server_major_version`` saves a connection when known.
+
+    ``preamble`` (plain format only) is an SQL file run first, in the same transaction.
+    """
+    logger = get_logger()
+    if (
+        tools.major >= NEWER_SESSION_SETTINGS
+        and (server_major_version or _server_major(conninfo)) < NEWER_SESSION_SETTINGS
+    ):
+        _restore_filtered(
+            tools,
+            conninfo,
+            dbname,
+            artifact,
+            fmt,
+            no_owner=no_owner,
+            clean=clean,
+            single_transaction=single_transaction,
+            preamble=preamble,
+        )
+        return
+    argv = _restore_argv(
+        tools,
+        dbname,
+        artifact,
+        fmt,
+        jobs=jobs,
+        no_owner=no_owner,
+        clean=clean,
+        single_transaction=single_transaction,
+        preamble=preamble,
+    )
+    logger.info(
+        "restoring",
+        database=dbname,
+        tool=Path(argv[0]).name,
+        jobs=jobs,
+        no_owner=no_owner,
+        single_transaction=single_transaction,
+    )
+    with child_environment(conninfo, dbname) as env, tempfile.TemporaryFile() as stderr_file:
+        result = subprocess.run(
+            argv, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env, check=False
+        )
+        if result.returncode != 0:
+            reason = error_tail(stderr_file, f"exit {result.returncode}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+
+
+def _restore_argv(
+    tools: ClientTools,
+    dbname: str,
+    artifact: Path,
+    fmt: str,
+    *,
+    jobs: int,
+    no_owner: bool,
+    clean: bool,
+    single_transaction: bool,
+    preamble: Path | None,
+) -> list[str]:
+    if fmt == "plain":
+        return _psql_argv(tools, preamble, str(artifact), single_transaction=single_transaction)
+    argv = [tools.pg_restore, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+    argv += _pg_restore_options(no_owner=no_owner, clean=clean)
+    if single_transaction:
+        argv.append("--single-transaction")
+    elif jobs > 1:
+        argv.append(f"--jobs={jobs}")
+    return [*argv, str(artifact)]
+
+
+def _pg_restore_options(*, no_owner: bool, clean: bool) -> list[str]:
+    return (["--no-owner"] if no_owner else []) + (["--clean", "--if-exists"] if clean else [])
+
+
+# pg_restore and pg_dump from 17 on always emit ``SET transaction_timeout = 0``, a setting
+# older servers reject; such restores go through psql with that one line removed.
+NEWER_SESSION_SETTINGS = 17
+_UNKNOWN_TO_OLDER_SERVERS = (b"SET transaction_timeout = 0;",)
+
+
+def _server_major(conninfo: ConnInfo) -> int:
+    conn = connect(conninfo)
+    try:
+        return server_major(conn)
+    finally:
+        conn.close()
+
+
+def _restore_filtered(
+    tools: ClientTools,
+    conninfo: ConnInfo,
+    dbname: str,
+    artifact: Path,
+    fmt: str,
+    *,
+    no_owner: bool,
+    clean: bool,
+    single_transaction: bool,
+    preamble: Path | None,
+) -> None:
+    """A newer client's output into an older server: SQL text, filtered, into psql."""
+    get_logger().info(
+        "restoring through psql (client newer than the server)",
+        database=dbname,
+        client_major=tools.major,
+        single_transaction=single_transaction,
+    )
+    psql = _psql_argv(tools, preamble, "-", single_transaction=single_transaction)
+    producer: subprocess.Popen[bytes] | None = None
+    with (
+        child_environment(conninfo, dbname) as env,
+        tempfile.TemporaryFile() as psql_err,
+        tempfile.TemporaryFile() as source_err,
+    ):
+        source: IO[bytes]
+        if fmt == "plain":
+            source = artifact.open("rb")
+        else:
+            argv = [
+                tools.pg_restore,
+                "--file=-",
+                *_pg_restore_options(no_owner=no_owner, clean=clean),
+                str(artifact),
+            ]
+            producer = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=source_err, env=offline_environment()
+            )
+            assert producer.stdout is not None
+            source = producer.stdout
+        consumer = subprocess.Popen(
+            psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env
+        )
+        source_code, code = _pump(source, producer, consumer)
+        if source_code != 0:
+            reason = error_tail(source_err, f"exit {source_code}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+        if code != 0:
+            reason = error_tail(psql_err, f"exit {code}")
+            raise OperationFailed(f"restore into {dbname} failed: {reason}")
+
+
+def _pump(
+    source: IO[bytes],
+    producer: subprocess.Popen[bytes] | None,
+    consumer: subprocess.Popen[bytes],
+) -> tuple[int, int]:
+    """Feed ``source`` to psql without the lines older servers reject; return the exit
+    codes of the producer (0 for a file) and of psql.
+
+    psql commits its single transaction when its input ends, so it may only see the end of
+    input once the whole source was read without error; any other way out kills it first
+    and the server rolls the transaction back.
+    """
+    assert consumer.stdin is not None
+    source_code = 0
+    complete = False
+    try:
+        with source:
+            for line in source:
+                if line.rstrip(b"\n") in _UNKNOWN_TO_OLDER_SERVERS:
+                    continue
+                consumer.stdin.write(line)
+        source_code = producer.wait() if producer is not None else 0
+        complete = source_code == 0
+    except BrokenPipeError:
+        complete = True  # psql stopped at an error on its own; its stderr says which
+    finally:
+        if not complete:
+            consumer.kill()
+        with contextlib.suppress(BrokenPipeError):
+            consumer.stdin.close()
+        code = consumer.wait()
+        if producer is not None:
+            if producer.poll() is None:
+                producer.kill()
+            producer.wait()
+    return source_code, code
+
+
+def replace_contents(
+    tools: ClientTools,
+    conninfo: ConnInfo,
+    artifact: Path,
+    fmt: str,
+    *,
+    server_major_version: int,
+    no_owner: bool,
+) -> None:
+    """Replace the contents of the database ``conninfo`` names with the archive's, in one
+    transaction: the result holds exactly the backup's objects, or nothing changed."""
+    if fmt != "plain":
+        restore_into(
+            tools,
+            conninfo,
+            conninfo.dbname,
+            artifact,
+            fmt,
+            clean=True,
+            single_transaction=True,
+            no_owner=no_owner,
+            server_major_version=server_major_version,
+        )
+        return
+    # A plain script has no --clean: drop the user schemas first, in the same transaction.
+    conn = connect(conninfo)
+    try:
+        schemas = user_schemas(conn)
+    finally:
+        conn.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
+        handle.write(_plain_preamble(schemas, server_major_version))
+    combined = Path(handle.name)
+    try:
+        restore_into(
+            tools,
+            conninfo,
+            conninfo.dbname,
+            artifact,
+            fmt,
+            single_transaction=True,
+            preamble=combined,
+            server_major_version=server_major_version,
+        )
+    finally:
+        combined.unlink(missing_ok=True)
+
+
+def _plain_preamble(schemas: list[str], major: int) -> str:
+    """SQL that empties the database the way a plain dump expects to find it."""
+    preamble = "".join(f"DROP SCHEMA IF EXISTS {quote_ident(s)} CASCADE;\n" for s in schemas)
+    # Recreate public as initdb makes it, so the restored schema matches the backup's.
+    owner = "pg_database_owner" if major >= 14 else "CURRENT_USER"
+    preamble += (
+        f"CREATE SCHEMA public AUTHORIZATION {owner};\n"
+        "GRANT USAGE ON SCHEMA public TO PUBLIC;\n"
+        "COMMENT ON SCHEMA public IS 'standard public schema';\n"
+    )
+    if major < 15:
+        preamble += "GRANT CREATE ON SCHEMA public TO PUBLIC;\n"
+    return preamble

@@ -1,0 +1,209 @@
+"""Data rollbacks: restore a verified backup by swapping a scratch copy in, or in place."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from rollback_cli.backups.catalog import locate
+from rollback_cli.backups.manifest import Manifest
+from rollback_cli.backups.scratch import restored_copy
+from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
+from rollback_cli.errors import OperationFailed, Refused
+from rollback_cli.log import step
+from rollback_cli.postgres.catalog import read_database_state
+from rollback_cli.postgres.connection import maintenance_connection
+from rollback_cli.postgres.names import PRE_MARK, SCRATCH_MARK, derived_name, free_derived_name
+from rollback_cli.postgres.restore import replace_contents
+from rollback_cli.postgres.swap import Swap, swap_databases
+from rollback_cli.rollback.lifecycle import (
+    Procedure,
+    RollbackContext,
+    RollbackResult,
+    plan_safety_backup,
+    plan_validation,
+)
+
+
+class DataRollback(Procedure):
+    kind = "data"
+    action = "data rollback"
+
+    def __init__(self, ctx: RollbackContext, backup_ref: str) -> None:
+        super().__init__(ctx)
+        self.backup_ref = backup_ref
+        self._backup: VerifiedBackup | None = None
+
+    @property
+    def backup(self) -> VerifiedBackup:
+        assert self._backup is not None, "used outside prepare()"
+        return self._backup
+
+    @contextmanager
+    def prepare(self) -> Iterator[None]:
+        with verified_backup(self.ctx, self.backup_ref) as backup:
+            self._backup = backup
+            try:
+                yield
+            finally:
+                self._backup = None
+
+    def plan(self, result: RollbackResult, *, validate: bool = True) -> None:
+        ctx, backup = self.ctx, self.backup
+        check_privileges(ctx)
+        db = ctx.inspection.dbname
+        manifest = backup.manifest
+        result.backup_used = backup.uri
+        result.plan_step(
+            "verify",
+            f"{backup.key}: manifest, size, sha256 and archive checked "
+            f"({manifest.type}/{manifest.format}, revision "
+            f"{manifest.alembic_revision or 'none'}, taken {manifest.created_at})",
+        )
+        result.plan_step("lock", f"advisory lock for {db} in the maintenance database (free)")
+        plan_safety_backup(ctx, result, f"full backup of {db}")
+        superuser = ctx.inspection.privileges["superuser"]
+        owner_note = "" if superuser else " (--no-owner: role is not superuser)"
+        if ctx.options.strategy == "swap":
+            scratch = derived_name(db, SCRATCH_MARK)
+            tool = "psql" if manifest.format == "plain" else "pg_restore"
+            result.plan_step(
+                "restore",
+                f"CREATE DATABASE {scratch} like {db}; restore with "
+                f"{tool} -j {ctx.options.jobs}{owner_note}",
+            )
+            result.plan_step(
+                "validate-scratch",
+                f"row counts of {len(manifest.row_counts)} tables "
+                "and Alembic revision against the manifest",
+            )
+            result.plan_step("swap", Swap(db, scratch, derived_name(db, PRE_MARK)).describe())
+        else:
+            tool = (
+                "psql --single-transaction"
+                if manifest.format == "plain"
+                else "pg_restore --clean --if-exists --single-transaction"
+            )
+            result.plan_step(
+                "restore", f"{tool} into {db} (atomic; holds locks while it runs)" + owner_note
+            )
+        if validate:
+            plan_validation(ctx, result, "manifest row counts")
+
+    def apply(self, result: RollbackResult) -> None:
+        if self.ctx.options.strategy == "in-place":
+            with step("restore-in-place"):
+                restore_in_place(self.ctx, self.backup)
+        else:
+            swap_in_restored_copy(self.ctx, self.backup, result)
+
+    def validation(self) -> tuple[list[str] | None, Manifest | None]:
+        return self.backup.manifest.alembic_revisions, self.backup.manifest
+
+    def revision_after(self, result: RollbackResult) -> str | None:
+        return self.backup.manifest.alembic_revision
+
+
+@contextmanager
+def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
+    """Locate, fetch and verify the backup; refuse what must not be restored here."""
+    environment = ctx.target.environment
+
+    def admit(manifest: Manifest) -> None:
+        key = manifest.file_name
+        if manifest.environment != environment and not ctx.options.allow_cross_environment:
+            raise Refused(
+                f"backup {key} was taken in {manifest.environment!r}, not {environment!r}",
+                hint="pass --allow-cross-environment if this is intended",
+            )
+        if manifest.type != "full":
+            raise Refused(
+                f"backup {key} is a {manifest.type}-only backup; a data rollback "
+                "needs a full backup"
+            )
+
+    storage, key = locate(ctx.storage, environment, ref)
+    try:
+        with ExitStack() as stack:
+            with step("verify-backup", backup=key):
+                backup = stack.enter_context(
+                    prepared_backup(storage, key, pg_bin_dir=ctx.target.pg_bin_dir, admit=admit)
+                )
+            yield backup
+    finally:
+        storage.close()
+
+
+def check_privileges(ctx: RollbackContext) -> None:
+    """Refuse a strategy the role cannot carry out, before anything is planned."""
+    inspection = ctx.inspection
+    privileges = inspection.privileges
+    owner = inspection.owner or privileges["superuser"]
+    if ctx.options.strategy == "swap":
+        missing = [
+            name
+            for name, ok in (
+                ("CREATEDB", privileges["createdb"]),
+                ("ownership of the database", owner),
+                ("permission to terminate backends", privileges["can_terminate"]),
+            )
+            if not ok
+        ]
+        if missing:
+            raise Refused(
+                f"swap rollback needs {', '.join(missing)}",
+                hint="use --strategy in-place for roles without CREATEDB",
+            )
+    elif not owner:
+        raise Refused(f"in-place rollback needs ownership of {inspection.dbname} or superuser")
+
+
+def swap_in_restored_copy(
+    ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult
+) -> None:
+    """Restore into a scratch database, check it against the manifest, swap it in."""
+    db = ctx.inspection.dbname
+    admin = maintenance_connection(ctx.target.conninfo)
+    try:
+        state = read_database_state(admin, db)
+        with restored_copy(
+            admin,
+            ctx.target,
+            backup.tools,
+            backup.local,
+            backup.manifest,
+            SCRATCH_MARK,
+            jobs=ctx.options.jobs,
+        ) as copy:
+            if copy.no_owner:
+                result.warnings.append("restored with --no-owner: the role is not superuser")
+            mismatches = copy.comparison["mismatches"]
+            if mismatches:
+                raise OperationFailed(
+                    "restored copy does not match the manifest: "
+                    + "; ".join(mismatches[:5])
+                    + "; live database unchanged"
+                )
+            swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
+            with step("swap") as details:
+                result.unavailable_ms = swap_databases(admin, swap, state)
+                details.update(
+                    unavailable_ms=round(result.unavailable_ms, 1), kept_as=swap.kept_name
+                )
+            copy.keep()
+        result.kept_database = swap.kept_name
+    finally:
+        admin.close()
+
+
+def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup) -> None:
+    """One atomic restore into the live database."""
+    inspection = ctx.inspection
+    replace_contents(
+        inspection.tools,
+        inspection.conninfo,
+        backup.local,
+        backup.manifest.format,
+        server_major_version=inspection.major,
+        no_owner=not inspection.privileges["superuser"],
+    )

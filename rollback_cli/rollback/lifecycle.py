@@ -1,0 +1,274 @@
+"""The lifecycle every rollback follows, whatever it changes.
+
+read-only checks (connection, privileges, lock free, versions) → :meth:`Procedure.prepare`
+(e.g. a verified backup) → the plan (all a dry run does) → confirmation in protected
+environments → lock → safety backup → :meth:`Procedure.apply` → validation → lock
+released. Nothing about the live database changes before ``apply``.
+
+Data, schema, full and undo rollbacks are procedures plugged into :func:`run_rollback`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.backups.create import BackupRequest, BackupResult, create_backup
+from rollback_cli.checks import Check
+from rollback_cli.errors import ManualAttention, Refused, RollbackError, UsageError
+from rollback_cli.log import get_logger, step
+from rollback_cli.postgres.catalog import alembic_revisions, owns_database, role_privileges
+from rollback_cli.postgres.clients import ClientTools, find_client
+from rollback_cli.postgres.connection import connect, server_major
+from rollback_cli.postgres.lock import lock_holder, rollback_lock
+from rollback_cli.rollback.guard import confirm_protected
+from rollback_cli.rollback.migrations import Timeouts
+from rollback_cli.rollback.validate import validate_database
+from rollback_cli.storage import open_storage
+
+if TYPE_CHECKING:
+    from rollback_cli.backups.manifest import Manifest
+    from rollback_cli.settings import ConnInfo, RunOptions, StorageConfig, Target
+
+STRATEGIES = ("swap", "in-place")
+
+
+@dataclass(frozen=True)
+class RollbackOptions:
+    strategy: str = "swap"
+    jobs: int = 2
+    allow_cross_environment: bool = False
+    no_safety_backup: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    checks_file: Path | None = None
+
+
+@dataclass
+class RollbackResult:
+    kind: str
+    database: str
+    plan: list[dict[str, str]] = field(default_factory=list)
+    revision_before: str | None = None
+    revision_after: str | None = None
+    safety_backup: BackupResult | None = None
+    backup_used: str | None = None
+    kept_database: str | None = None
+    unavailable_ms: float | None = None
+    reverted: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[Check] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def plan_step(self, name: str, detail: str) -> None:
+        self.plan.append({"step": name, "detail": detail})
+
+    def to_document(self) -> dict[str, Any]:
+        safety = self.safety_backup
+        backup_file = None
+        if safety is not None:
+            backup_file = str(safety.local_path) if safety.local_path else safety.key
+        return {
+            "database": self.database,
+            "plan": self.plan,
+            "revision_before": self.revision_before,
+            "revision_after": self.revision_after,
+            "backup_file": backup_file,
+            "backup_sha256": safety.manifest.sha256 if safety else None,
+            "backup_uri": safety.uri if safety else None,
+            "backup_used": self.backup_used,
+            "kept_database": self.kept_database,
+            "unavailable_ms": round(self.unavailable_ms, 1)
+            if self.unavailable_ms is not None
+            else None,
+            "reverted": self.reverted,
+            "validation": [c.to_dict() for c in self.validation],
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class Inspection:
+    """What the read-only checks found out about the target."""
+
+    conninfo: ConnInfo
+    tools: ClientTools
+    privileges: dict[str, bool]
+    owner: bool
+    revisions: list[str]
+    major: int
+
+    @property
+    def dbname(self) -> str:
+        return self.conninfo.dbname
+
+
+def inspect_target(target: Target) -> Inspection:
+    """Connection, server version, client tools, privileges, revisions; refuse while another
+    rollback of the database holds the lock."""
+    with step("preflight"):
+        conn = connect(target.conninfo)
+        try:
+            major = server_major(conn)
+            tools = find_client(major, target.pg_bin_dir)
+            privileges = role_privileges(conn)
+            owner = owns_database(conn, target.dbname)
+            revisions = alembic_revisions(conn)
+            holder = lock_holder(conn, target.dbname)
+        finally:
+            conn.close()
+    if holder is not None:
+        raise Refused(f"another rollback of {target.dbname} is running ({holder})")
+    return Inspection(target.conninfo, tools, privileges, owner, revisions, major)
+
+
+def current_revisions(conninfo: ConnInfo) -> list[str]:
+    conn = connect(conninfo)
+    try:
+        return alembic_revisions(conn)
+    finally:
+        conn.close()
+
+
+@dataclass
+class RollbackContext:
+    """Everything a procedure needs: the target and how the run was asked for."""
+
+    target: Target
+    storage: StorageConfig
+    run: RunOptions
+    options: RollbackOptions
+    inspection: Inspection
+
+
+class Procedure:
+    """One kind of rollback. Subclasses fill in the plan and the change itself."""
+
+    kind: str = ""
+    #: the action named in the production confirmation
+    action: str = ""
+    #: whether the lifecycle takes a safety backup before :meth:`apply`
+    takes_safety_backup: bool = True
+
+    def __init__(self, ctx: RollbackContext) -> None:
+        self.ctx = ctx
+
+    @contextmanager
+    def prepare(self) -> Iterator[None]:
+        """Resources the plan and the change share (a verified backup, a connection)."""
+        yield
+
+    def plan(self, result: RollbackResult) -> None:
+        """Read-only checks and the plan's steps; raise to refuse."""
+        raise NotImplementedError
+
+    def apply(self, result: RollbackResult) -> None:
+        """The change, under the lock and after the safety backup."""
+        raise NotImplementedError
+
+    def validation(self) -> tuple[list[str] | None, Manifest | None]:
+        """The revisions expected afterwards and the manifest whose row counts must match."""
+        return None, None
+
+    def revision_after(self, result: RollbackResult) -> str | None:
+        return ",".join(current_revisions(self.ctx.target.conninfo)) or None
+
+
+def rollback_context(
+    target: Target, storage: StorageConfig, run: RunOptions, options: RollbackOptions
+) -> RollbackContext:
+    """Check the options, then inspect the target (read-only)."""
+    if options.strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {options.strategy!r}: use swap or in-place")
+    if options.no_safety_backup and target.is_protected:
+        raise Refused(
+            f"--no-safety-backup is not allowed in protected environment {target.environment!r}"
+        )
+    return RollbackContext(target, storage, run, options, inspect_target(target))
+
+
+def run_rollback(procedure: Procedure) -> RollbackResult:
+    """Run ``procedure`` through the lifecycle; see the module's docstring."""
+    ctx = procedure.ctx
+    result = RollbackResult(
+        procedure.kind,
+        ctx.inspection.dbname,
+        revision_before=",".join(ctx.inspection.revisions) or None,
+    )
+    with procedure.prepare():
+        procedure.plan(result)
+        if ctx.run.dry_run:
+            return result
+        confirm_protected(ctx.target, ctx.run, procedure.action)
+        with rollback_lock(ctx.target.conninfo, ctx.target.dbname):
+            if procedure.takes_safety_backup:
+                _safety_backup(ctx, result)
+            procedure.apply(result)
+            # Validated before the lock goes, so no other run starts on an unchecked database.
+            expected, manifest = procedure.validation()
+            _finish_validation(ctx, result, expected, manifest)
+        result.revision_after = procedure.revision_after(result)
+    return result
+
+
+def plan_safety_backup(ctx: RollbackContext, result: RollbackResult, what: str) -> None:
+    result.plan_step(
+        "safety-backup",
+        "skipped (--no-safety-backup)"
+        if ctx.options.no_safety_backup
+        else f"{what} into {ctx.storage.display}",
+    )
+
+
+def plan_validation(ctx: RollbackContext, result: RollbackResult, what: str) -> None:
+    checks_file = ctx.options.checks_file
+    result.plan_step(
+        "validate",
+        f"connectivity, revision, {what}" + (f", checks in {checks_file}" if checks_file else ""),
+    )
+
+
+def _safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
+    if ctx.options.no_safety_backup:
+        result.warnings.append("safety backup skipped (--no-safety-backup)")
+        get_logger().warning("safety backup skipped on request")
+        return
+    with step("safety-backup"):
+        storage = open_storage(ctx.storage, ctx.target.environment)
+        try:
+            result.safety_backup = create_backup(
+                ctx.target,
+                storage,
+                BackupRequest(label=f"safety backup before {result.kind} rollback", kind="safety"),
+                keep_local=ctx.storage.keep_local,
+            )
+        finally:
+            storage.close()
+
+
+def _finish_validation(
+    ctx: RollbackContext,
+    result: RollbackResult,
+    expected: list[str] | None,
+    manifest: Manifest | None,
+) -> None:
+    try:
+        report = validate_database(
+            ctx.target.conninfo,
+            expected_revisions=expected,
+            manifest=manifest,
+            checks_file=ctx.options.checks_file,
+        )
+    except RollbackError as exc:
+        raise ManualAttention(
+            f"the rollback finished but validation could not run: {exc.one_line()}"
+        ) from None
+    result.validation = report.checks
+    if report.failures:
+        undo = (
+            f"; `rollback undo` swaps {result.kept_database} back" if result.kept_database else ""
+        )
+        raise ManualAttention(
+            f"the rollback finished but validation failed: {report.summary()}{undo}"
+        )

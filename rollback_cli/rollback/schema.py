@@ -1,0 +1,147 @@
+"""Schema rollbacks: Alembic downgrades in-process, planned from the revisions they revert."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import ManualAttention, OperationFailed, Refused
+from rollback_cli.log import step
+from rollback_cli.rollback import migrations
+from rollback_cli.rollback.lifecycle import (
+    Procedure,
+    RollbackContext,
+    RollbackResult,
+    current_revisions,
+    plan_safety_backup,
+)
+
+if TYPE_CHECKING:
+    from rollback_cli.backups.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Downgrade:
+    """A resolved downgrade: the Alembic config, the full target revision, the URL."""
+
+    config: Any
+    target: str
+    url: str
+
+    @property
+    def expected_revisions(self) -> list[str]:
+        return [] if self.target == migrations.BASE else [self.target]
+
+    @property
+    def revision_after(self) -> str | None:
+        return None if self.target == migrations.BASE else self.target
+
+
+class SchemaRollback(Procedure):
+    kind = "schema"
+    action = "schema rollback"
+
+    def __init__(self, ctx: RollbackContext, to_revision: str) -> None:
+        super().__init__(ctx)
+        self.to_revision = to_revision
+        self.downgrade: Downgrade | None = None
+
+    def plan(self, result: RollbackResult) -> None:
+        db = self.ctx.inspection.dbname
+        result.plan_step("lock", f"advisory lock for {db} (free)")
+        plan_safety_backup(self.ctx, result, "full backup")
+        self.downgrade = plan_downgrade(
+            self.ctx, result, self.to_revision, self.ctx.inspection.revisions
+        )
+        result.plan_step("validate", f"alembic_version must equal {self.downgrade.target}")
+
+    def apply(self, result: RollbackResult) -> None:
+        assert self.downgrade is not None
+        run_downgrade(self.ctx, self.downgrade, self.ctx.inspection.revisions, result)
+
+    def validation(self) -> tuple[list[str] | None, Manifest | None]:
+        assert self.downgrade is not None
+        return self.downgrade.expected_revisions, None
+
+    def revision_after(self, result: RollbackResult) -> str | None:
+        assert self.downgrade is not None
+        return self.downgrade.revision_after
+
+
+def load_downgrade_config(ctx: RollbackContext) -> tuple[Any, str]:
+    """The project's Alembic config with the URL (and timeouts) of the target."""
+    url = migrations.alembic_url(ctx.target.conninfo, ctx.options.timeouts)
+    return migrations.load_config(ctx.target.alembic_config, url), url
+
+
+def plan_downgrade(
+    ctx: RollbackContext,
+    result: RollbackResult,
+    to_revision: str,
+    from_revisions: list[str],
+    *,
+    resolved: str | None = None,
+) -> Downgrade:
+    """Resolve the target, render each reverted revision's SQL, flag drops, empty and
+    irreversible downgrades; refuse an irreversible one."""
+    config, url = load_downgrade_config(ctx)
+    script = migrations.script_directory(config)
+    if resolved is None:
+        resolved = migrations.resolve_target(script, to_revision, from_revisions)
+    steps = migrations.steps_to(script, from_revisions, resolved)
+    migrations.render_downgrade_sql(config, steps, url)
+    result.reverted = [s.to_dict() for s in steps]
+    flags = []
+    for s in steps:
+        if s.drops:
+            flags.append(f"{s.revision} drops {', '.join(s.drops)}")
+        if s.empty:
+            flags.append(f"{s.revision} has an empty downgrade")
+        if s.irreversible:
+            flags.append(f"{s.revision} is irreversible: {s.irreversible}")
+    result.warnings += flags
+    revs = ", ".join(f"{s.revision} ({s.message})" for s in steps) or "nothing (already there)"
+    timeouts = ctx.options.timeouts
+    result.plan_step(
+        "downgrade",
+        f"alembic downgrade {','.join(from_revisions)} → {resolved}: "
+        f"reverts {revs}; lock_timeout={timeouts.lock_timeout_ms}ms, "
+        f"statement_timeout={timeouts.statement_timeout_ms}ms",
+    )
+    for flag in flags:
+        result.plan_step("warning", flag)
+    irreversible = [s for s in steps if s.irreversible]
+    if irreversible:
+        raise Refused(
+            f"downgrade cannot run: {irreversible[0].revision} is irreversible "
+            f"({irreversible[0].irreversible})"
+        )
+    return Downgrade(config, resolved, url)
+
+
+def run_downgrade(
+    ctx: RollbackContext, downgrade: Downgrade, before: list[str], result: RollbackResult
+) -> None:
+    """Downgrade; say exactly where the database is when it fails part-way."""
+    conninfo = ctx.target.conninfo
+    with step("downgrade", to_revision=downgrade.target):
+        try:
+            migrations.downgrade(downgrade.config, downgrade.target, downgrade.url)
+        except OperationFailed as exc:
+            now = current_revisions(conninfo)
+            if sorted(now) == sorted(before):
+                raise OperationFailed(
+                    f"{exc.message}; database unchanged at {','.join(now) or 'none'}"
+                ) from None
+            raise ManualAttention(
+                f"{exc.message}; the database is now at revision {','.join(now) or 'none'} "
+                f"(was {','.join(before)}, target {downgrade.target}); re-run the schema "
+                "rollback or restore the safety backup"
+                + (f" {result.safety_backup.uri}" if result.safety_backup else "")
+            ) from None
+    now = current_revisions(conninfo)
+    if sorted(now) != downgrade.expected_revisions:
+        raise ManualAttention(
+            f"after the downgrade alembic_version is {','.join(now) or 'none'}, "
+            f"expected {downgrade.target}"
+        )
