@@ -102,6 +102,17 @@ def script_directory(config: Config) -> ScriptDirectory:
         raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
 
 
+def known_revision(script: ScriptDirectory, revision: str) -> bool:
+    """Whether ``script`` has ``revision`` (a database can be ahead of the checkout)."""
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
+    try:
+        return script.get_revision(revision) is not None
+    except (CommandError, RevisionError):
+        return False
+
+
 def head_revisions(path: Path) -> list[str]:
     return list(script_directory(load_config(path)).get_heads())
 

@@ -26,7 +26,7 @@ from rollback_cli.postgres.connection import (
 )
 from rollback_cli.postgres.lock import lock_holder
 from rollback_cli.rollback.artifacts import kept_databases
-from rollback_cli.rollback.migrations import load_config, script_directory
+from rollback_cli.rollback.migrations import known_revision, load_config, script_directory
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -144,7 +144,7 @@ def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
             if config is not None:
                 script = script_directory(config)
                 head = ",".join(script.get_heads()) or None
-                unknown = [rev for rev in current if not _known_revision(script, rev)]
+                unknown = [rev for rev in current if not known_revision(script, rev)]
         except RollbackError as exc:
             report.add("alembic", WARNING, exc.one_line())
         except (configparser.Error, UnicodeDecodeError, OSError) as exc:
@@ -166,16 +166,6 @@ def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
         current=report.current_revision,
         head=head,
     )
-
-
-def _known_revision(script: Any, revision: str) -> bool:
-    from alembic.script.revision import RevisionError
-    from alembic.util.exc import CommandError
-
-    try:
-        return script.get_revision(revision) is not None
-    except (CommandError, RevisionError):
-        return False
 
 
 def _lock(conn: Any, dbname: str, report: StatusReport) -> None:
