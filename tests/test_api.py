@@ -15,10 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 
 from rollback_cli import api
 from rollback_cli.errors import ExitCode, Refused
+from rollback_cli.postgres import registry
 from rollback_cli.postgres.names import SCRATCH_MARK, derived_name
 from rollback_cli.settings import RunOptions, StorageConfig, Target
 from tests.rollback_helpers import (
@@ -46,6 +48,20 @@ def project15(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict[str, str]
 ) -> Project:
     return tier_project(database15, alembic_project, tmp_path)
+
+
+def plant_stray_scratch(db: TestDatabase) -> str:
+    """A scratch database with our record, left by a run whose session has ended."""
+    stray = derived_name(db.name, SCRATCH_MARK)
+    db.server.create_database(stray)
+    conn = psycopg2.connect(db.server.url("postgres"))
+    conn.autocommit = True
+    try:
+        record = registry.new_record(conn, registry.SCRATCH, db.name, "deadrun")
+        registry.write(conn, stray, record)
+    finally:
+        conn.close()  # the recorded session is gone: the run has ended
+    return stray
 
 
 def target_of(project: Project, environment: str = "staging") -> Target:
@@ -183,9 +199,8 @@ def test_api_guards_protected_environments(project15: Project) -> None:
     storage = storage_of(project)
     backup = api.backup_create(production, storage).backup  # reading needs no confirmation
     assert backup is not None
-    # A stray scratch database that cleanup-artifacts would drop.
-    stray = derived_name(project.db.name, SCRATCH_MARK)
-    project.db.server.create_database(stray)
+    # A stray scratch database that cleanup-artifacts would drop: one a dead run made.
+    stray = plant_stray_scratch(project.db)
     project.db.execute("DELETE FROM orders")
     data_before, schema_before = project.data_fingerprint(), project.schema_dump()
     databases_before, files_before = project.databases(), project.files()

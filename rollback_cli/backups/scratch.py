@@ -16,17 +16,28 @@ from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import OperationFailed
 from rollback_cli.log import get_logger, redactor, step
+from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import (
+    DatabaseLevelState,
+    DatabaseProperties,
     alembic_revisions,
     database_exists,
     database_properties,
+    is_member_of,
+    read_database_state,
     role_privileges,
     table_row_counts,
 )
 from rollback_cli.postgres.clients import ClientTools, child_environment, find_client
-from rollback_cli.postgres.connection import connect, server_major
-from rollback_cli.postgres.ddl import create_database_like, drop_database
-from rollback_cli.postgres.names import free_derived_name
+from rollback_cli.postgres.connection import (
+    connect,
+    current_run_id,
+    database_error,
+    first_line,
+    server_major,
+)
+from rollback_cli.postgres.ddl import apply_database_state, create_database_like, drop_database
+from rollback_cli.postgres.names import SCRATCH_MARK, VERIFY_MARK, free_derived_name
 from rollback_cli.postgres.restore import restore_into
 
 if TYPE_CHECKING:
@@ -46,11 +57,15 @@ class ScratchCopy:
     name: str
     comparison: dict[str, Any]
     no_owner: bool
+    record: registry.ArtifactRecord
     kept: bool = False
 
     def keep(self) -> None:
         """Leave the database in place when the block ends (it was swapped in)."""
         self.kept = True
+
+
+MARKS = {registry.SCRATCH: SCRATCH_MARK, registry.VERIFY: VERIFY_MARK}
 
 
 @contextmanager
@@ -60,55 +75,127 @@ def restored_copy(
     archive_tools: ClientTools,
     local: Path,
     manifest: Manifest,
-    mark: str,
+    kind: str,
     *,
     jobs: int = 1,
     purpose: str = "the restore",
+    state: DatabaseLevelState | None = None,
 ) -> Iterator[ScratchCopy]:
-    """Restore ``local`` into a new database ``{db}{mark}{ts}`` like the live one (same
-    encoding, collation, tablespace; owner when the role may set it) and compare it with the
-    manifest; the copy is dropped when the block ends unless :meth:`ScratchCopy.keep` was
-    called. ``admin`` is a maintenance connection the caller owns."""
+    """Restore ``local`` into a new database ``{db}{mark}{ts}`` made like the live one and
+    compare it with the manifest; dropped when the block ends unless
+    :meth:`ScratchCopy.keep` was called. ``admin`` is a maintenance connection the caller
+    owns.
+
+    The copy is registered as ours (``kind``: scratch or verify) the moment it exists. It
+    has the live database's encoding, collation, tablespace and owner (when the role is
+    the owner, a member of it, or a superuser); what it restores, the owner owns. With
+    ``state`` (the live database's settings, grants and connection limit) those are put on
+    the copy before it is compared, so queries that depend on a ``search_path`` see what
+    they will see once the copy is live; any failure to do so is a failure here, before
+    the live database is touched. Without ``state`` (a restore test) the live database's
+    settings are carried as far as the role may.
+    """
     conninfo = target.conninfo
     major = server_major(admin)
     tools = find_client(major, target.pg_bin_dir)
     if tools.major < archive_tools.major:
         tools = archive_tools  # an archive only its own (newer) client can read
-    privileges = role_privileges(admin)
-    no_owner = not privileges["superuser"]
-    like = (
-        database_properties(admin, target.dbname) if database_exists(admin, target.dbname) else None
-    )
-    scratch = free_derived_name(admin, target.dbname, mark)
+    superuser = role_privileges(admin)["superuser"]
+    live_exists = database_exists(admin, target.dbname)
+    like = database_properties(admin, target.dbname) if live_exists else None
+    acting_role = _acting_role(admin, like, superuser)
+    scratch = free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
     try:
         with step("restore", scratch_database=scratch):
-            create_database_like(admin, scratch, like, set_owner=not no_owner, purpose=purpose)
-            if no_owner:
-                get_logger().warning("restoring without ownership (role is not superuser)")
-            try:
-                if manifest.type == "data":
-                    _copy_live_schema(tools, conninfo, scratch, no_owner, major)
-                restore_into(
-                    tools,
-                    conninfo,
-                    scratch,
-                    local,
-                    manifest.format,
-                    jobs=jobs,
-                    no_owner=no_owner,
-                    server_major_version=major,
+            create_database_like(
+                admin,
+                scratch,
+                like,
+                set_owner=acting_role is not None or superuser,
+                purpose=purpose,
+            )
+            record = registry.new_record(admin, kind, target.dbname, current_run_id())
+            registry.write(admin, scratch, record)
+            _carry_settings(admin, target.dbname, scratch, state, strict=state is not None)
+            if not superuser:
+                get_logger().warning(
+                    "restoring without ownership (role is not superuser)",
+                    acting_as=acting_role,
                 )
-            except OperationFailed as exc:
-                raise RestoreFailed(exc.message, hint=exc.hint) from None
+            _restore(tools, conninfo, scratch, local, manifest, major, jobs, superuser, acting_role)
         with step("validate-scratch") as details:
             comparison = compare_with_manifest(conninfo, scratch, manifest)
             details.update(tables=comparison["tables"], rows=comparison["rows"])
-        copy = ScratchCopy(scratch, comparison, no_owner)
+        copy = ScratchCopy(scratch, comparison, not superuser, record)
         yield copy
     finally:
         if copy is None or not copy.kept:
             _drop_quietly(admin, scratch)
+
+
+def _acting_role(
+    admin: PgConnection, like: DatabaseProperties | None, superuser: bool
+) -> str | None:
+    """The live database's owner, when this role may act as it (and is not it already)."""
+    if like is None or superuser or not is_member_of(admin, like.owner):
+        return None
+    return like.owner
+
+
+def _carry_settings(
+    admin: PgConnection,
+    live: str,
+    scratch: str,
+    state: DatabaseLevelState | None,
+    *,
+    strict: bool,
+) -> None:
+    if state is None:
+        if not database_exists(admin, live):
+            return
+        state = read_database_state(admin, live)
+    try:
+        apply_database_state(admin, scratch, state)
+    except database_error() as exc:
+        if strict:
+            raise OperationFailed(
+                f"cannot carry the settings of {live} onto {scratch}: {first_line(exc)}"
+            ) from None
+        get_logger().warning(
+            "the live database's settings could not all be carried to the scratch copy",
+            error=first_line(exc),
+        )
+
+
+def _restore(
+    tools: ClientTools,
+    conninfo: ConnInfo,
+    scratch: str,
+    local: Path,
+    manifest: Manifest,
+    major: int,
+    jobs: int,
+    superuser: bool,
+    acting_role: str | None,
+) -> None:
+    no_owner = not superuser
+    try:
+        if manifest.type == "data":
+            _copy_live_schema(tools, conninfo, scratch, no_owner, major, acting_role)
+        restore_into(
+            tools,
+            conninfo,
+            scratch,
+            local,
+            manifest.format,
+            jobs=jobs,
+            no_owner=no_owner,
+            server_major_version=major,
+            role=acting_role,
+        )
+    except OperationFailed as exc:
+        raise RestoreFailed(exc.message, hint=exc.hint) from None
 
 
 def _drop_quietly(conn: PgConnection, name: str) -> None:
@@ -120,7 +207,12 @@ def _drop_quietly(conn: PgConnection, name: str) -> None:
 
 
 def _copy_live_schema(
-    tools: ClientTools, conninfo: ConnInfo, scratch: str, no_owner: bool, major: int
+    tools: ClientTools,
+    conninfo: ConnInfo,
+    scratch: str,
+    no_owner: bool,
+    major: int,
+    acting_role: str | None,
 ) -> None:
     """A data-only backup is restored into a copy of the live database's schema."""
     with tempfile.TemporaryDirectory(prefix="db-rollback-schema-") as temp_dir:
@@ -146,6 +238,7 @@ def _copy_live_schema(
             "custom",
             no_owner=no_owner,
             server_major_version=major,
+            role=acting_role,
         )
 
 

@@ -18,9 +18,9 @@ from rollback_cli.backups.scratch import RestoreFailed, restored_copy
 from rollback_cli.checks import Check
 from rollback_cli.errors import BackupError
 from rollback_cli.log import get_logger, step
+from rollback_cli.postgres import registry
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import maintenance_connection
-from rollback_cli.postgres.names import VERIFY_MARK
 from rollback_cli.postgres.restore import check_archive_readable
 from rollback_cli.storage.base import sha256_artifact
 
@@ -165,7 +165,7 @@ def run_restore_test(target: Target, backup: VerifiedBackup) -> dict[str, Any]:
                 backup.tools,
                 backup.local,
                 manifest,
-                VERIFY_MARK,
+                registry.VERIFY,
                 purpose="the restore test",
             ) as copy:
                 comparison = copy.comparison

@@ -24,6 +24,7 @@ _COMMAND_OPTIONS = {
     "--statement-timeout": True,
     "--checks": True,
     "--allow-cross-environment": False,
+    "--allow-other-database": False,
     "--no-safety-backup": False,
     "--format": True,
     "--compress": True,

@@ -60,6 +60,7 @@ def _options(api: Any, opts: dict[str, Any], strategy: str = "swap") -> Any:
         strategy=strategy,
         jobs=opts["jobs"],
         allow_cross_environment=opts["allow_cross_environment"],
+        allow_other_database=opts.get("allow_other_database", False),
         no_safety_backup=opts["no_safety_backup"],
         timeouts=api.Timeouts(
             parse_timeout_ms(opts["lock_timeout"]), parse_timeout_ms(opts["statement_timeout"])
@@ -111,7 +112,15 @@ def rollback_schema_cmd(
     )
 
 
+ALLOW_OTHER_DATABASE = click.option(
+    "--allow-other-database",
+    is_flag=True,
+    help="Allow restoring a backup of another database (its manifest names the database).",
+)
+
+
 @rollback.command("data")
+@ALLOW_OTHER_DATABASE
 @click.option(
     "--backup-file",
     required=True,
@@ -164,6 +173,7 @@ def rollback_data_cmd(
 
 
 @rollback.command("full")
+@ALLOW_OTHER_DATABASE
 @click.option("--to-revision", required=True, metavar="REV")
 @click.option("--backup-file", metavar="BACKUP", help="Restore this backup first.")
 @click.option(

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from psycopg2 import sql
+
 from rollback_cli.errors import ConfigError
-from rollback_cli.postgres.connection import quote_ident
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
@@ -28,7 +29,7 @@ def table_row_counts(conn: PgConnection) -> dict[str, int]:
         tables = [(str(schema), str(name)) for schema, name in cur.fetchall()]
         counts: dict[str, int] = {}
         for schema, name in tables:
-            cur.execute(f"SELECT count(*) FROM {quote_ident(schema)}.{quote_ident(name)}")
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))
             row = cur.fetchone()
             counts[f"{schema}.{name}"] = int(row[0]) if row else 0
     return counts
@@ -76,6 +77,76 @@ def owns_database(conn: PgConnection, dbname: str) -> bool:
     return bool(row and row[0])
 
 
+def is_member_of(conn: PgConnection, role: str) -> bool:
+    """Whether the current role may act as ``role`` (is it, or a member of it)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def database_oid(conn: PgConnection, dbname: str) -> int | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT oid FROM pg_database WHERE datname = %s", (dbname,))
+        row = cur.fetchone()
+    return int(row[0]) if row else None
+
+
+def database_name(conn: PgConnection, oid: int) -> str | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE oid = %s", (oid,))
+        row = cur.fetchone()
+    return str(row[0]) if row else None
+
+
+def allows_connections(conn: PgConnection, dbname: str) -> bool | None:
+    """``datallowconn`` of ``dbname`` (None when there is no such database)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (dbname,))
+        row = cur.fetchone()
+    return bool(row[0]) if row else None
+
+
+def database_comments(conn: PgConnection, prefix: str) -> list[tuple[str, int, str]]:
+    """(name, oid, comment) of every database whose comment starts with ``prefix``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT d.datname, d.oid, c.description
+            FROM pg_database d
+            JOIN pg_shdescription c ON c.objoid = d.oid
+                 AND c.classoid = 'pg_database'::regclass
+            WHERE starts_with(c.description, %s)
+            """,
+            (prefix,),
+        )
+        return [(str(n), int(o), str(c)) for n, o, c in cur.fetchall()]
+
+
+def session_identity(conn: PgConnection) -> tuple[int, str]:
+    """This session's backend pid and start time: together they name it uniquely."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity "
+            "WHERE pid = pg_backend_pid()"
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), str(row[1])
+
+
+def session_alive(conn: PgConnection, pid: int, started: str) -> bool:
+    """Whether the session (pid, backend_start) still runs. Another role's start time may be
+    hidden from us: a live pid whose start we cannot see counts as alive."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s "
+            "AND (backend_start IS NULL OR backend_start = %s::timestamptz)",
+            (pid, started),
+        )
+        return cur.fetchone() is not None
+
+
 def database_exists(conn: PgConnection, dbname: str) -> bool:
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))
@@ -116,10 +187,11 @@ def database_properties(conn: PgConnection, dbname: str) -> DatabaseProperties:
             raise ConfigError(f"database {dbname} does not exist")
         provider = icu = None
         if conn.server_version >= 150000:
+            locale = "datlocale" if conn.server_version >= 170000 else "daticulocale"
             cur.execute(
-                "SELECT datlocprovider::text, "
-                + ("datlocale" if conn.server_version >= 170000 else "daticulocale")
-                + " FROM pg_database WHERE datname = %s",
+                sql.SQL(
+                    "SELECT datlocprovider::text, {} FROM pg_database WHERE datname = %s"
+                ).format(sql.Identifier(locale)),
                 (dbname,),
             )
             extra = cur.fetchone()

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING
 
 from rollback_cli.errors import ConfigError, Refused
 from rollback_cli.log import redactor
-from rollback_cli.postgres.connection import APPLICATION_NAME
+from rollback_cli.postgres.connection import run_application_name
 
 if TYPE_CHECKING:
     from rollback_cli.settings import ConnInfo
@@ -143,15 +143,28 @@ _CHILD_OVERRIDDEN = frozenset(
 )
 
 
+def _options_escape(value: str) -> str:
+    """A value inside libpq's ``options``: spaces and backslashes escaped with a backslash."""
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
 def _passfile_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
 @contextmanager
-def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator[dict[str, str]]:
+def child_environment(
+    conninfo: ConnInfo,
+    dbname: str | None = None,
+    *,
+    lock_timeout_ms: int | None = None,
+    role: str | None = None,
+) -> Iterator[dict[str, str]]:
     """An environment for pg_dump/pg_restore/psql connecting to ``dbname``.
 
-    The password goes into a temporary 0600 passfile that is removed afterwards.
+    The password goes into a temporary 0600 passfile that is removed afterwards. With
+    ``lock_timeout_ms`` every lock wait of the child's session is bounded; with ``role``
+    the session acts as that role (what it creates, that role owns).
     """
     # Connection settings come from ``conninfo`` alone (it already holds what the PG*
     # variables supplied); other libpq variables (PGSSLROOTCERT, PGOPTIONS, ...) pass through
@@ -159,7 +172,7 @@ def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator
     env = {k: v for k, v in os.environ.items() if k not in _CHILD_OVERRIDDEN}
     env.pop("DATABASE_URL", None)
     env["PGDATABASE"] = dbname or conninfo.dbname
-    env["PGAPPNAME"] = APPLICATION_NAME
+    env["PGAPPNAME"] = run_application_name()
     env["PGCONNECT_TIMEOUT"] = "10"
     if conninfo.host:
         env["PGHOST"] = conninfo.host
@@ -179,6 +192,13 @@ def child_environment(conninfo: ConnInfo, dbname: str | None = None) -> Iterator
         }.get(key)
         if libpq_var:
             env[libpq_var] = value
+    extra = []
+    if lock_timeout_ms is not None:
+        extra.append(f"-c lock_timeout={int(lock_timeout_ms)}")
+    if role is not None:
+        extra.append(f"-c role={_options_escape(role)}")
+    if extra:
+        env["PGOPTIONS"] = " ".join([env.get("PGOPTIONS", ""), *extra]).strip()
     passfile: str | None = None
     if conninfo.password:
         fd, passfile = tempfile.mkstemp(prefix="db-rollback-", suffix=".pgpass")

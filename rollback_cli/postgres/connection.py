@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ConfigError
-from rollback_cli.log import redactor
+from rollback_cli.log import bound_context, new_run_id, redactor
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from rollback_cli.settings import ConnInfo
 
 APPLICATION_NAME = "db-rollback"
+DEFAULT_LOCK_TIMEOUT_MS = 5000
 MAINTENANCE_DATABASES = ("postgres", "template1")
 
 
@@ -28,15 +29,20 @@ def connect(
     *,
     autocommit: bool = True,
     connect_timeout: int = 10,
-    application_name: str = APPLICATION_NAME,
+    application_name: str | None = None,
+    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS,
 ) -> PgConnection:
-    """Open a psycopg2 connection or raise ConfigError with libpq's reason on one line."""
+    """Open a psycopg2 connection or raise ConfigError with libpq's reason on one line.
+
+    Every statement of the session waits at most ``lock_timeout_ms`` for a lock (0: no
+    bound), so no step of ours queues behind another session's lock forever.
+    """
     import psycopg2
 
     redactor.add_secret(conninfo.password)
     kwargs: dict[str, Any] = conninfo.psycopg_kwargs(dbname)
     kwargs.setdefault("connect_timeout", connect_timeout)
-    kwargs["application_name"] = application_name
+    kwargs["application_name"] = application_name or run_application_name()
     try:
         conn = psycopg2.connect(**kwargs)
     except psycopg2.OperationalError as exc:
@@ -45,8 +51,47 @@ def connect(
     except psycopg2.ProgrammingError as exc:
         # libpq rejected the parameters themselves (an unknown URL query option, say).
         raise ConfigError(f"database URL is not valid: {first_line(exc)}") from None
+    conn.autocommit = True
+    set_lock_timeout(conn, lock_timeout_ms)
     conn.autocommit = autocommit
     return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
+
+
+def current_run_id() -> str:
+    """The run id logging was configured with; a fresh one for an unconfigured library."""
+    return str(bound_context().get("run_id") or new_run_id())
+
+
+def run_application_name() -> str:
+    """``db-rollback <run id>``: our sessions and our client tools' sessions carry it, so
+    that a run can find (and end) whatever it left on the server."""
+    run_id = bound_context().get("run_id")
+    return f"{APPLICATION_NAME} {run_id}" if run_id else APPLICATION_NAME
+
+
+def end_run_sessions(conninfo: ConnInfo) -> int:
+    """Terminate the server sessions this run's client tools left behind (a pg_restore
+    killed mid-statement leaves its backend running, holding its locks)."""
+    name = run_application_name()
+    if name == APPLICATION_NAME:
+        return 0
+    conn = maintenance_connection(conninfo)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            row = cur.fetchone()
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
+def set_lock_timeout(conn: PgConnection, milliseconds: int) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(milliseconds)}ms",))
 
 
 def database_error() -> type[Exception]:
@@ -67,18 +112,16 @@ def server_version_text(conn: PgConnection) -> str:
     return str(row[0]) if row else "unknown"
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def maintenance_connection(conninfo: ConnInfo) -> PgConnection:
+def maintenance_connection(
+    conninfo: ConnInfo, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+) -> PgConnection:
     """A connection to a database other than the target (for CREATE/ALTER/DROP DATABASE)."""
     last_error: ConfigError | None = None
     for name in (*MAINTENANCE_DATABASES, conninfo.dbname):
         if name == conninfo.dbname and name in MAINTENANCE_DATABASES:
             continue
         try:
-            return connect(conninfo, name)
+            return connect(conninfo, name, lock_timeout_ms=lock_timeout_ms)
         except ConfigError as exc:
             last_error = exc
     assert last_error is not None

@@ -1,14 +1,20 @@
-"""Names of the databases the tool derives from a database's name: ``{db}{mark}{timestamp}``."""
+"""Names of the databases the tool derives from a database's name: ``{db}{mark}{timestamp}``.
+
+A name only helps a person read ``\\l``; what makes a database ours is its record
+(:mod:`rollback_cli.postgres.registry`). Names never exceed PostgreSQL's 63 bytes and never
+collide: a long database name is cut and followed by a hash of the whole name, so two long
+names that share their first bytes still derive different names.
+"""
 
 from __future__ import annotations
 
-import re
+import hashlib
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from rollback_cli.errors import Refused
-from rollback_cli.postgres.catalog import database_exists, databases_starting_with
+from rollback_cli.postgres.catalog import database_exists
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
@@ -17,7 +23,8 @@ PRE_MARK = "_pre_"
 SCRATCH_MARK = "_rb_"
 VERIFY_MARK = "_verify_"
 STAMP_FORMAT = "%Y%m%d%H%M%S"
-_STAMP = re.compile(r"(\d{14})$")
+MAX_IDENTIFIER_BYTES = 63
+HASH_LENGTH = 8
 
 
 def stamp(when: datetime | None = None) -> str:
@@ -25,10 +32,15 @@ def stamp(when: datetime | None = None) -> str:
 
 
 def derived_name(dbname: str, mark: str, when: datetime | None = None) -> str:
-    """``{db}{mark}{ts}``, shortened to fit PostgreSQL's 63-byte identifiers."""
+    """``{db}{mark}{ts}``; when that exceeds 63 bytes, ``{db cut}~{hash8}{mark}{ts}``."""
     suffix = f"{mark}{stamp(when)}"
-    base = dbname.encode("utf-8")[: 63 - len(suffix)].decode("utf-8", "ignore")
-    return base + suffix
+    name = dbname + suffix
+    if len(name.encode("utf-8")) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha256(dbname.encode("utf-8")).hexdigest()[:HASH_LENGTH]
+    room = MAX_IDENTIFIER_BYTES - len(suffix) - len(digest) - 1
+    base = dbname.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return f"{base}~{digest}{suffix}"
 
 
 def free_derived_name(conn: PgConnection, dbname: str, mark: str) -> str:
@@ -39,17 +51,3 @@ def free_derived_name(conn: PgConnection, dbname: str, mark: str) -> str:
             return name
         time.sleep(1.0)
     raise Refused(f"cannot find a free name for {name}")
-
-
-def stamp_of(name: str) -> datetime | None:
-    match = _STAMP.search(name)
-    if not match:
-        return None
-    return datetime.strptime(match.group(1), STAMP_FORMAT).replace(tzinfo=timezone.utc)
-
-
-def derived_databases(conn: PgConnection, dbname: str, mark: str) -> list[str]:
-    """Databases named like ``dbname``'s derived ones with ``mark``, newest first."""
-    prefix = derived_name(dbname, mark)[:-14]
-    names = [n for n in databases_starting_with(conn, prefix) if stamp_of(n) is not None]
-    return sorted(names, key=lambda n: stamp_of(n) or datetime.min, reverse=True)

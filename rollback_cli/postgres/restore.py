@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from psycopg2 import sql
+
 from rollback_cli.errors import BackupError, OperationFailed, Refused
 from rollback_cli.log import get_logger, redactor
 from rollback_cli.postgres.catalog import user_schemas
@@ -17,9 +19,11 @@ from rollback_cli.postgres.clients import (
     error_tail,
     offline_environment,
 )
-from rollback_cli.postgres.connection import connect, quote_ident, server_major
+from rollback_cli.postgres.connection import connect, server_major
 
 if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
+
     from rollback_cli.settings import ConnInfo
 
 PLAIN_HEADER = b"-- PostgreSQL database dump"
@@ -88,9 +92,12 @@ def restore_into(
     single_transaction: bool = False,
     preamble: Path | None = None,
     server_major_version: int | None = None,
+    role: str | None = None,
+    lock_timeout_ms: int | None = None,
 ) -> None:
     """Restore ``artifact`` (of pg_dump format ``fmt``) into ``dbname``; OperationFailed with
-    the first error on failure. ``server_major_version`` saves a connection when known.
+    the first error on failure. ``server_major_version`` saves a connection when known;
+    ``role`` is the role the restore acts as; ``lock_timeout_ms`` bounds its lock waits.
 
     ``preamble`` (plain format only) is an SQL file run first, in the same transaction.
     """
@@ -109,6 +116,8 @@ def restore_into(
             clean=clean,
             single_transaction=single_transaction,
             preamble=preamble,
+            role=role,
+            lock_timeout_ms=lock_timeout_ms,
         )
         return
     argv = _restore_argv(
@@ -130,7 +139,10 @@ def restore_into(
         no_owner=no_owner,
         single_transaction=single_transaction,
     )
-    with child_environment(conninfo, dbname) as env, tempfile.TemporaryFile() as stderr_file:
+    with (
+        child_environment(conninfo, dbname, lock_timeout_ms=lock_timeout_ms, role=role) as env,
+        tempfile.TemporaryFile() as stderr_file,
+    ):
         result = subprocess.run(
             argv, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env, check=False
         )
@@ -191,6 +203,8 @@ def _restore_filtered(
     clean: bool,
     single_transaction: bool,
     preamble: Path | None,
+    role: str | None,
+    lock_timeout_ms: int | None,
 ) -> None:
     """A newer client's output into an older server: SQL text, filtered, into psql."""
     get_logger().info(
@@ -202,7 +216,7 @@ def _restore_filtered(
     psql = _psql_argv(tools, preamble, "-", single_transaction=single_transaction)
     producer: subprocess.Popen[bytes] | None = None
     with (
-        child_environment(conninfo, dbname) as env,
+        child_environment(conninfo, dbname, lock_timeout_ms=lock_timeout_ms, role=role) as env,
         tempfile.TemporaryFile() as psql_err,
         tempfile.TemporaryFile() as source_err,
     ):
@@ -298,11 +312,11 @@ def replace_contents(
     # A plain script has no --clean: drop the user schemas first, in the same transaction.
     conn = connect(conninfo)
     try:
-        schemas = user_schemas(conn)
+        preamble = _plain_preamble(conn, user_schemas(conn), server_major_version)
     finally:
         conn.close()
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
-        handle.write(_plain_preamble(schemas, server_major_version))
+        handle.write(preamble)
     combined = Path(handle.name)
     try:
         restore_into(
@@ -319,16 +333,19 @@ def replace_contents(
         combined.unlink(missing_ok=True)
 
 
-def _plain_preamble(schemas: list[str], major: int) -> str:
+def _plain_preamble(conn: PgConnection, schemas: list[str], major: int) -> str:
     """SQL that empties the database the way a plain dump expects to find it."""
-    preamble = "".join(f"DROP SCHEMA IF EXISTS {quote_ident(s)} CASCADE;\n" for s in schemas)
+    statements: list[sql.Composable] = [
+        sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        for schema in schemas
+    ]
     # Recreate public as initdb makes it, so the restored schema matches the backup's.
     owner = "pg_database_owner" if major >= 14 else "CURRENT_USER"
-    preamble += (
-        f"CREATE SCHEMA public AUTHORIZATION {owner};\n"
-        "GRANT USAGE ON SCHEMA public TO PUBLIC;\n"
-        "COMMENT ON SCHEMA public IS 'standard public schema';\n"
-    )
+    statements += [
+        sql.SQL("CREATE SCHEMA public AUTHORIZATION {}").format(sql.SQL(owner)),
+        sql.SQL("GRANT USAGE ON SCHEMA public TO PUBLIC"),
+        sql.SQL("COMMENT ON SCHEMA public IS 'standard public schema'"),
+    ]
     if major < 15:
-        preamble += "GRANT CREATE ON SCHEMA public TO PUBLIC;\n"
-    return preamble
+        statements.append(sql.SQL("GRANT CREATE ON SCHEMA public TO PUBLIC"))
+    return "".join(statement.as_string(conn) + ";\n" for statement in statements)

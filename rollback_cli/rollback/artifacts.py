@@ -9,17 +9,12 @@ from typing import TYPE_CHECKING
 from rollback_cli.errors import ConfigError, Refused
 from rollback_cli.files import TEMP_PREFIX
 from rollback_cli.log import get_logger
-from rollback_cli.postgres.catalog import alembic_temp_tables
+from rollback_cli.postgres import registry
+from rollback_cli.postgres.catalog import alembic_temp_tables, database_oid
 from rollback_cli.postgres.connection import connect, maintenance_connection
 from rollback_cli.postgres.ddl import drop_database, drop_table
 from rollback_cli.postgres.lock import lock_holder
-from rollback_cli.postgres.names import (
-    PRE_MARK,
-    SCRATCH_MARK,
-    VERIFY_MARK,
-    derived_databases,
-    stamp_of,
-)
+from rollback_cli.postgres.swap import repair_interrupted_swaps
 from rollback_cli.rollback.guard import confirm_protected
 from rollback_cli.storage import LocalStorage, open_storage
 
@@ -35,9 +30,19 @@ STALE_TEMP_SECONDS = 3600.0
 __all__ = ["TEMP_PREFIX", "CleanupReport", "cleanup_artifacts", "kept_databases"]
 
 
-def kept_databases(conn: PgConnection, dbname: str) -> list[str]:
-    """Pre-rollback copies of ``dbname``, newest first."""
-    return derived_databases(conn, dbname, PRE_MARK)
+def kept_databases(conn: PgConnection, dbname: str) -> list[registry.Artifact]:
+    """Databases our rollbacks of ``dbname`` kept (by their record), newest first."""
+    return registry.artifacts_of(conn, dbname, registry.KEPT)
+
+
+def undo_candidate(conn: PgConnection, dbname: str) -> registry.Artifact | None:
+    """The database kept by the most recent rollback of ``dbname``: the one whose record
+    says it was replaced by the database now live under that name."""
+    live_oid = database_oid(conn, dbname)
+    for artifact in kept_databases(conn, dbname):
+        if live_oid is not None and artifact.record.replaced_by == live_oid:
+            return artifact
+    return None
 
 
 def kept_databases_if_reachable(target: Target | None) -> list[dict[str, str | None]]:
@@ -51,18 +56,32 @@ def kept_databases_if_reachable(target: Target | None) -> list[dict[str, str | N
         get_logger().info("pre-rollback databases not listed", reason=exc.one_line())
         return []
     try:
-        names = kept_databases(admin, target.dbname)
+        kept = kept_databases(admin, target.dbname)
     finally:
         admin.close()
+    return [{"name": a.name, "created_at": a.record.created_at} for a in kept]
+
+
+def repair(target: Target) -> list[str]:
+    """Finish or undo the swaps of ``target`` that a dead run left half-way, through the
+    maintenance database (the target itself may refuse connections)."""
+    admin = maintenance_connection(target.conninfo)
+    try:
+        actions = repair_interrupted_swaps(admin, target.dbname)
+    finally:
+        admin.close()
+    for action in actions:
+        get_logger().warning("repaired", action=action)
+    return actions
+
+
+def stray_copies(conn: PgConnection, dbname: str) -> list[str]:
+    """Scratch and verify databases of ``dbname`` whose run has ended."""
     return [
-        {"name": name, "created_at": (stamp_of(name) or datetime.min).isoformat()} for name in names
+        a.name
+        for a in registry.artifacts_of(conn, dbname, registry.SCRATCH, registry.VERIFY)
+        if not registry.run_is_alive(conn, a.record)
     ]
-
-
-def scratch_databases(conn: PgConnection, dbname: str) -> list[str]:
-    return derived_databases(conn, dbname, SCRATCH_MARK) + derived_databases(
-        conn, dbname, VERIFY_MARK
-    )
 
 
 @dataclass
@@ -71,6 +90,7 @@ class CleanupReport:
     tables: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
 
 def cleanup_artifacts(
@@ -112,13 +132,14 @@ def _cleanup_databases(
             raise Refused(
                 f"a rollback of {dbname} is running ({holder}); its scratch databases are in use"
             )
-        for name in kept_databases(admin, dbname):
-            when = stamp_of(name)
-            if when is not None and when.timestamp() < cutoff:
-                report.databases.append(name)
+        if not dry_run:
+            report.repaired = repair_interrupted_swaps(admin, dbname)
+        for artifact in kept_databases(admin, dbname):
+            if datetime.fromisoformat(artifact.record.created_at).timestamp() < cutoff:
+                report.databases.append(artifact.name)
             else:
-                report.kept.append(name)
-        report.databases += scratch_databases(admin, dbname)
+                report.kept.append(artifact.name)
+        report.databases += stray_copies(admin, dbname)
         for name in report.databases:
             if not dry_run:
                 drop_database(admin, name)

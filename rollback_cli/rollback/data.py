@@ -11,11 +11,12 @@ from rollback_cli.backups.scratch import restored_copy
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.errors import OperationFailed, Refused
 from rollback_cli.log import step
+from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import read_database_state
-from rollback_cli.postgres.connection import maintenance_connection
+from rollback_cli.postgres.connection import current_run_id, maintenance_connection
 from rollback_cli.postgres.names import PRE_MARK, SCRATCH_MARK, derived_name, free_derived_name
 from rollback_cli.postgres.restore import replace_contents
-from rollback_cli.postgres.swap import Swap, swap_databases
+from rollback_cli.postgres.swap import Swap, check_swap_allowed, swap_databases
 from rollback_cli.rollback.lifecycle import (
     Procedure,
     RollbackContext,
@@ -77,7 +78,12 @@ class DataRollback(Procedure):
                 f"row counts of {len(manifest.row_counts)} tables "
                 "and Alembic revision against the manifest",
             )
-            result.plan_step("swap", Swap(db, scratch, derived_name(db, PRE_MARK)).describe())
+            checked = check_swap(ctx)
+            result.plan_step(
+                "swap",
+                Swap(db, scratch, derived_name(db, PRE_MARK)).describe()
+                + f" ({checked} statements checked in a rolled-back transaction)",
+            )
         else:
             tool = (
                 "psql --single-transaction"
@@ -116,6 +122,11 @@ def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
                 f"backup {key} was taken in {manifest.environment!r}, not {environment!r}",
                 hint="pass --allow-cross-environment if this is intended",
             )
+        if manifest.database != ctx.target.dbname and not ctx.options.allow_other_database:
+            raise Refused(
+                f"backup {key} is of database {manifest.database!r}, not {ctx.target.dbname!r}",
+                hint="pass --allow-other-database if this is intended",
+            )
         if manifest.type != "full":
             raise Refused(
                 f"backup {key} is a {manifest.type}-only backup; a data rollback "
@@ -132,6 +143,17 @@ def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
             yield backup
     finally:
         storage.close()
+
+
+def check_swap(ctx: RollbackContext) -> int:
+    """Everything the swap will carry over, checked now: nothing is changed."""
+    admin = maintenance_connection(ctx.target.conninfo)
+    try:
+        return check_swap_allowed(
+            admin, ctx.inspection.dbname, read_database_state(admin, ctx.inspection.dbname)
+        )
+    finally:
+        admin.close()
 
 
 def check_privileges(ctx: RollbackContext) -> None:
@@ -172,8 +194,9 @@ def swap_in_restored_copy(
             backup.tools,
             backup.local,
             backup.manifest,
-            SCRATCH_MARK,
+            registry.SCRATCH,
             jobs=ctx.options.jobs,
+            state=state,
         ) as copy:
             if copy.no_owner:
                 result.warnings.append("restored with --no-owner: the role is not superuser")
@@ -186,7 +209,9 @@ def swap_in_restored_copy(
                 )
             swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
             with step("swap") as details:
-                result.unavailable_ms = swap_databases(admin, swap, state)
+                result.unavailable_ms = swap_databases(
+                    admin, swap, state, copy.record, current_run_id()
+                )
                 details.update(
                     unavailable_ms=round(result.unavailable_ms, 1), kept_as=swap.kept_name
                 )

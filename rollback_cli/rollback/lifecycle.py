@@ -11,7 +11,7 @@ Data, schema, full and undo rollbacks are procedures plugged into :func:`run_rol
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +22,9 @@ from rollback_cli.errors import ManualAttention, Refused, RollbackError, UsageEr
 from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import alembic_revisions, owns_database, role_privileges
 from rollback_cli.postgres.clients import ClientTools, find_client
-from rollback_cli.postgres.connection import connect, server_major
+from rollback_cli.postgres.connection import connect, end_run_sessions, server_major
 from rollback_cli.postgres.lock import lock_holder, rollback_lock
+from rollback_cli.rollback.artifacts import repair
 from rollback_cli.rollback.guard import confirm_protected
 from rollback_cli.rollback.migrations import Timeouts
 from rollback_cli.rollback.validate import validate_database
@@ -41,6 +42,7 @@ class RollbackOptions:
     strategy: str = "swap"
     jobs: int = 2
     allow_cross_environment: bool = False
+    allow_other_database: bool = False
     no_safety_backup: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     checks_file: Path | None = None
@@ -178,18 +180,32 @@ class Procedure:
 def rollback_context(
     target: Target, storage: StorageConfig, run: RunOptions, options: RollbackOptions
 ) -> RollbackContext:
-    """Check the options, then inspect the target (read-only)."""
+    """Check the options, repair what a killed run left half-way, inspect the target."""
     if options.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {options.strategy!r}: use swap or in-place")
     if options.no_safety_backup and target.is_protected:
         raise Refused(
             f"--no-safety-backup is not allowed in protected environment {target.environment!r}"
         )
+    if not run.dry_run:
+        repair(target)
     return RollbackContext(target, storage, run, options, inspect_target(target))
 
 
 def run_rollback(procedure: Procedure) -> RollbackResult:
-    """Run ``procedure`` through the lifecycle; see the module's docstring."""
+    """Run ``procedure`` through the lifecycle; see the module's docstring. On any failure
+    or interrupt, the server sessions this run's client tools left are ended."""
+    try:
+        return _run(procedure)
+    except BaseException:
+        with suppress(Exception):
+            ended = end_run_sessions(procedure.ctx.target.conninfo)
+            if ended:
+                get_logger().warning("ended sessions this run left on the server", count=ended)
+        raise
+
+
+def _run(procedure: Procedure) -> RollbackResult:
     ctx = procedure.ctx
     result = RollbackResult(
         procedure.kind,
