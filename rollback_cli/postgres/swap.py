@@ -169,7 +169,9 @@ def swap_databases(
             registry.write(conn, live, kept)
             rename_database(conn, live, kept_name)
             renamed_live = True
+            logger.info("live database renamed", database=live, kept_as=kept_name)
             rename_database(conn, replacement, live)
+            logger.info("replacement renamed", database=live, replacement=replacement)
         except Exception as exc:
             _put_back(conn, live, kept_name, renamed_live, state.comment, exc)
             raise OperationFailed(
