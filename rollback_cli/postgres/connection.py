@@ -46,8 +46,17 @@ def connect(
     try:
         conn = psycopg2.connect(**kwargs)
     except psycopg2.OperationalError as exc:
-        target = f"{conninfo.display_host}:{conninfo.port or 5432}/{dbname or conninfo.dbname}"
-        raise ConfigError(f"cannot connect to {target}: {first_line(exc)}") from None
+        name = dbname or conninfo.dbname
+        target = f"{conninfo.display_host}:{conninfo.port or 5432}/{name}"
+        reason = first_line(exc)
+        hint = None
+        if "not currently accepting connections" in reason:
+            hint = (
+                f"{name} refuses connections; if a db-rollback run was killed during a swap, "
+                "`db-rollback cleanup-artifacts` puts it right, otherwise run "
+                f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'
+            )
+        raise ConfigError(f"cannot connect to {target}: {reason}", hint=hint) from None
     except psycopg2.ProgrammingError as exc:
         # libpq rejected the parameters themselves (an unknown URL query option, say).
         raise ConfigError(f"database URL is not valid: {first_line(exc)}") from None
