@@ -161,14 +161,19 @@ def test_keep_local_lists_both_locations(
     assert text.exit_code == 0, text.stderr
     assert "LOCATION" in text.stdout.splitlines()[0]
 
-    # Retention applies to each location; --keep-last 0 lets both copies go.
+    # Retention applies to each location; --keep-last 0 lets both copies of the older backup
+    # go, while the newest full backup of the database stays in each location.
+    result, newer = project.run_json(*args, "backup", "create")
+    assert result.exit_code == 0, result.stderr
     result, done = project.run_json(
         *args, "backup", "cleanup", "--older-than", "0s", "--keep-last", "0"
     )
     assert result.exit_code == 0, result.stderr
     assert done["removed"] == [key, key]
-    assert object_keys(s3_env, s3_bucket) == []
+    remaining = {k.rsplit("/", 1)[-1] for k in object_keys(s3_env, s3_bucket)}
+    assert remaining == {newer["backup_key"], f"{newer['backup_key']}.json"}
     assert not (project.backup_dir / key).exists()
+    assert (project.backup_dir / newer["backup_key"]).is_file()
 
 
 def test_multipart_upload_of_a_file_larger_than_the_part_size(

@@ -227,11 +227,84 @@ def fetched(storage: Storage, key: str, manifest: Manifest) -> Iterator[Path]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+#: why cleanup keeps a backup that its age and ``keep_last`` would have removed
+NEWEST_FULL_REASON = (
+    "newest valid full backup of its database in this location: cleanup never removes it"
+)
+
+#: (location, database, host) of a backup with a manifest; host is "" when unknown
+DatabaseKey = tuple[str, str, str]
+#: (location, key): one backup in one location
+EntryId = tuple[str, str]
+
+
 @dataclass(frozen=True)
 class CleanupResult:
     removed: list[BackupEntry]
     kept: list[BackupEntry]
     dry_run: bool
+    #: entries kept only because each is the newest valid full backup of its database in its
+    #: location (also in ``kept``); age and ``keep_last`` alone would have removed them
+    protected: list[BackupEntry] = field(default_factory=list)
+
+
+def _ident(entry: BackupEntry) -> EntryId:
+    return (entry.location, entry.key)
+
+
+def _text(value: object) -> str:
+    """A manifest field used as a name: ``database`` and ``host`` are not type-checked."""
+    return value if isinstance(value, str) else ""
+
+
+def _database_keys(entries: list[BackupEntry]) -> dict[EntryId, DatabaseKey]:
+    """Which database each entry with a manifest is a backup of, keyed by location and name.
+
+    A database is its manifest ``database`` in one location, told apart by ``host`` when
+    the manifests have one. A manifest without a host belongs with the backups of that
+    database's only known host; when several hosts have a database of that name it cannot be
+    told which, so it stays a database of its own (more is kept, never less).
+    """
+    hosts: dict[tuple[str, str], set[str]] = {}
+    for entry in entries:
+        if entry.manifest is not None:
+            name = (entry.location, _text(entry.manifest.database))
+            host = _text(entry.manifest.host)
+            hosts.setdefault(name, set()).update({host} if host else set())
+    keys: dict[EntryId, DatabaseKey] = {}
+    for entry in entries:
+        if entry.manifest is None:
+            continue
+        location, database = entry.location, _text(entry.manifest.database)
+        host = _text(entry.manifest.host)
+        known = hosts[(location, database)]
+        if not host and len(known) == 1:
+            host = next(iter(known))
+        keys[_ident(entry)] = (location, database, host)
+    return keys
+
+
+def _retained(
+    entries: list[BackupEntry], keys: dict[EntryId, DatabaseKey], keep_last: int
+) -> tuple[set[EntryId], set[EntryId]]:
+    """``(kept by keep_last, newest valid full backups)``.
+
+    ``entries`` is newest first. ``keep_last`` counts the valid backups of each database per
+    kind of backup (the manifest ``type``: full, schema or data; a rollback's safety backup
+    is a full one), so a newer schema-only backup never pushes out the full ones and one
+    database's backups never push out another's.
+    """
+    groups: dict[tuple[DatabaseKey, str], list[BackupEntry]] = {}
+    newest_full: dict[DatabaseKey, BackupEntry] = {}
+    for entry in entries:
+        if not entry.valid or entry.manifest is None:
+            continue
+        key = keys[_ident(entry)]
+        groups.setdefault((key, entry.manifest.type), []).append(entry)
+        if entry.manifest.type == "full":
+            newest_full.setdefault(key, entry)
+    by_count = {_ident(e) for group in groups.values() for e in group[:keep_last]}
+    return by_count, {_ident(e) for e in newest_full.values()}
 
 
 def cleanup_backups(
@@ -244,9 +317,14 @@ def cleanup_backups(
     now: datetime | None = None,
 ) -> CleanupResult:
     """Remove backups of ``environment`` older than the cutoff, always keeping the newest
-    ``keep_last`` valid ones in each location (the storage, and for a remote storage the
-    local staging directory). Invalid leftovers of the environment older than the cutoff
-    go too. A dry run removes nothing and returns what would go."""
+    ``keep_last`` valid ones of each database and kind of backup (full, schema, data) in each
+    location (the storage, and for a remote storage the local staging directory).
+
+    Whatever the arguments, the newest valid full backup of each database in each location
+    is kept: a retention rule must never remove the last restorable backup. Invalid
+    leftovers of the environment older than the cutoff go too (those without a manifest are
+    told by their name's environment prefix). A dry run removes nothing and returns what
+    would go."""
     logger = get_logger()
     now = now or datetime.now(timezone.utc)
     cutoff = now.timestamp() - older_than_seconds
@@ -256,22 +334,31 @@ def cleanup_backups(
         for e in list_backups(storage)
         if (e.manifest.environment == environment if e.manifest else e.key.startswith(own_prefix))
     ]
-    protected: set[tuple[str, str]] = set()
-    for location in {e.location for e in entries}:
-        newest = [e for e in entries if e.location == location and e.valid][:keep_last]
-        protected |= {(e.location, e.key) for e in newest}
+    keys = _database_keys(entries)
+    by_count, newest_full = _retained(entries, keys, keep_last)
     removed: list[BackupEntry] = []
     kept: list[BackupEntry] = []
+    protected: list[BackupEntry] = []
     for entry in entries:
         created = entry.created
-        if (entry.location, entry.key) in protected or created is None:
+        if _ident(entry) in by_count or created is None or created.timestamp() >= cutoff:
             kept.append(entry)
             continue
-        if created.timestamp() >= cutoff:
+        fields = {"backup": entry.key, "uri": entry.uri, "created_at": created.isoformat()}
+        if _ident(entry) in newest_full:
             kept.append(entry)
+            protected.append(entry)
+            location, database, host = keys[_ident(entry)]
+            logger.info(
+                "kept backup",
+                **fields,
+                location=location,
+                database=database,
+                host=host or None,
+                reason=NEWEST_FULL_REASON,
+            )
             continue
         removed.append(entry)
-        fields = {"backup": entry.key, "uri": entry.uri, "created_at": created.isoformat()}
         if dry_run:
             logger.info("would remove backup", **fields)
             continue
@@ -280,4 +367,4 @@ def cleanup_backups(
         holder.delete(manifest_key(entry.key))
         holder.delete(entry.key)
         logger.info("removed backup", **fields)
-    return CleanupResult(removed, kept, dry_run)
+    return CleanupResult(removed, kept, dry_run, protected)
