@@ -370,6 +370,8 @@ class PostgresCluster:
             "synchronous_commit": "off",
             "full_page_writes": "off",
             "max_connections": "100",
+            # Prepared transactions hold locks no session termination releases (tests).
+            "max_prepared_transactions": "10",
         }
         return " ".join(f"-c {key}={value}" for key, value in settings.items())
 

@@ -96,7 +96,11 @@ def backup_create(
     run: RunOptions = NO_RUN,
     progress: ProgressCallback | None = None,
 ) -> BackupCreated:
-    """Dump ``target`` with a snapshot-consistent manifest into ``storage``."""
+    """Dump ``target`` with a snapshot-consistent manifest into ``storage``.
+
+    ``request.lock_timeout_ms`` (default 5000; 0 waits forever) bounds every wait for a table
+    lock another session holds; reaching it raises OperationFailed (exit 5), nothing written.
+    """
     request = request or BackupRequest()
     store = open_storage(storage, target.environment)
     try:
@@ -200,6 +204,9 @@ def backup_verify(
 class BackupsCleaned:
     removed: list[BackupEntry]
     kept: list[BackupEntry]
+    #: kept only because each is the newest valid full backup of its database in its
+    #: location, which cleanup never removes (also listed in ``kept``; a log event says why)
+    protected: list[BackupEntry] = field(default_factory=list)
 
     def to_document(self) -> dict[str, Any]:
         return {"removed": [e.key for e in self.removed], "kept": [e.key for e in self.kept]}
@@ -213,7 +220,10 @@ def backup_cleanup(
     keep_last: int = 1,
     run: RunOptions = NO_RUN,
 ) -> BackupsCleaned:
-    """Apply retention to ``environment``'s backups; a dry run removes nothing."""
+    """Apply retention to ``environment``'s backups; a dry run removes nothing.
+
+    ``keep_last`` counts per location, database and backup type (full, schema, data); the
+    newest valid full backup of each database in each location is never removed."""
     store = open_storage(storage, environment)
     try:
         result = cleanup_backups(
@@ -225,7 +235,7 @@ def backup_cleanup(
         )
     finally:
         store.close()
-    return BackupsCleaned(result.removed, result.kept)
+    return BackupsCleaned(result.removed, result.kept, result.protected)
 
 
 # --- preflight and validation -------------------------------------------------------------
@@ -248,18 +258,33 @@ class StatusResult:
 
 
 def status(target: Target) -> StatusResult:
-    """Preflight: connection, versions, privileges, revisions, locks, sessions. Raises
-    ConfigError (exit 3) or Refused (exit 7) when a rollback could not run."""
+    """Preflight: connection, versions, the client tools (pg_dump, pg_restore and psql in
+    one directory), privileges, revisions, locks, sessions. Raises ConfigError (exit 3) or
+    Refused (exit 7) when a rollback could not run."""
     report = preflight(target)
     return StatusResult(report.checks, report.current_revision, report.head_revision)
 
 
 @dataclass
 class ValidationResult:
+    """The checks that ran; in a dry run the checks file's queries are listed as planned
+    (status ``info``, ``planned: true``) and none of them ran."""
+
     checks: list[Check]
+    dry_run: bool = False
 
     def to_document(self) -> dict[str, Any]:
-        return {"outcome": "success", "validation": [c.to_dict() for c in self.checks]}
+        document: dict[str, Any] = {
+            "outcome": "dry_run" if self.dry_run else "success",
+            "validation": [c.to_dict() for c in self.checks],
+        }
+        if self.dry_run:
+            document["plan"] = [
+                {"step": f"check {c.name}", "detail": c.detail}
+                for c in self.checks
+                if c.extra.get("planned")
+            ]
+        return document
 
 
 def validate(
@@ -269,9 +294,12 @@ def validate(
     backup_ref: str | None = None,
     expected_revision: str | None = None,
     checks_file: Path | None = None,
+    run: RunOptions = NO_RUN,
 ) -> ValidationResult:
     """Connectivity, revision, the manifest's row counts, SQL checks; OperationFailed
-    (exit 5) when any fails."""
+    (exit 5) when any fails. The SQL checks run read-only, each in its own transaction
+    under a statement timeout; a dry run reads and parses them but does not run them.
+    A table the role may not read is a ConfigError (exit 3)."""
     return ValidationResult(
         _validate(
             target,
@@ -279,7 +307,9 @@ def validate(
             backup_ref=backup_ref,
             expected_revision=expected_revision,
             checks_file=checks_file,
-        )
+            dry_run=run.dry_run,
+        ),
+        dry_run=run.dry_run,
     )
 
 

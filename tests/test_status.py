@@ -4,7 +4,6 @@ privileges, current and head Alembic revisions, the rollback lock, sessions that
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -246,10 +246,15 @@ def compare_with_manifest(conninfo: ConnInfo, dbname: str, manifest: Manifest) -
     """Row counts and Alembic revision of ``dbname`` against ``manifest``."""
     conn = connect(conninfo, dbname)
     try:
-        counts = table_row_counts(conn)
-        revisions = alembic_revisions(conn)
+        return compare_on(conn, dbname, manifest)
     finally:
         conn.close()
+
+
+def compare_on(conn: PgConnection, dbname: str, manifest: Manifest) -> dict[str, Any]:
+    """:func:`compare_with_manifest` through an open connection to ``dbname``."""
+    counts = table_row_counts(conn)
+    revisions = alembic_revisions(conn)
     mismatches: list[str] = []
     if manifest.has_data:
         for table, expected in sorted(manifest.row_counts.items()):

@@ -11,7 +11,7 @@ from rollback_cli.cli import render
 from rollback_cli.cli.options import App, parsed, pass_app, run_flags
 from rollback_cli.cli.runner import execute
 from rollback_cli.errors import ConfigError
-from rollback_cli.settings import parse_duration
+from rollback_cli.settings import parse_duration, parse_timeout_ms
 
 
 @click.group()
@@ -44,6 +44,14 @@ def backup() -> None:
 )
 @click.option("--compress", metavar="METHOD[:LEVEL]", help="gzip, lz4, zstd or none, e.g. zstd:3.")
 @click.option("--label", help="Free text stored in the manifest, e.g. the release.")
+@click.option(
+    "--lock-timeout",
+    default="5s",
+    show_default=True,
+    metavar="DURATION",
+    help="How long pg_dump and the row counts wait for each table lock another session "
+    "holds (e.g. 500ms, 5s, 2min; 0 = forever); then the backup fails (exit 5).",
+)
 @run_flags
 @pass_app
 def backup_create(
@@ -53,6 +61,7 @@ def backup_create(
     jobs: int,
     compress: str | None,
     label: str | None,
+    lock_timeout: str,
     dry_run: bool,
     yes: bool,
     json_output: bool,
@@ -67,13 +76,16 @@ def backup_create(
       db-rollback -e staging backup create --label "before release 42"
     """
     app = app.with_flags(dry_run, yes, json_output)
+    lock_timeout_ms = parsed(parse_timeout_ms, lock_timeout, "--lock-timeout")
     execute(
         app,
         "backup create",
         lambda api: api.backup_create(
             app.target(),
             app.storage,
-            api.BackupRequest(backup_type, fmt, jobs, compress, label),
+            api.BackupRequest(
+                backup_type, fmt, jobs, compress, label, lock_timeout_ms=lock_timeout_ms
+            ),
             run=app.run,
             progress=render.progress_printer(app),
         ),
@@ -164,7 +176,8 @@ def backup_verify(
     type=click.IntRange(min=0),
     default=1,
     show_default=True,
-    help="Always keep this many newest valid backups.",
+    help="Always keep this many newest valid backups of each database and type "
+    "(full, schema, data) in each location.",
 )
 @run_flags
 @pass_app
@@ -172,6 +185,11 @@ def backup_cleanup(
     app: App, older_than: str, keep_last: int, dry_run: bool, yes: bool, json_output: bool
 ) -> None:
     """Apply retention to this environment's backups (the manifest goes first).
+
+    --keep-last counts per database and per backup type in each location (the backup
+    directory or storage, and its local staging copies), so a schema-only backup never
+    pushes out the full ones. Whatever the flags, the newest valid full backup of each
+    database in each location is never removed; it is reported kept.
 
     \b
     Example:

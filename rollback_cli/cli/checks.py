@@ -17,7 +17,7 @@ from rollback_cli.settings import parse_duration
 @run_flags
 @pass_app
 def status(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
-    """Preflight: connection, versions, privileges, revisions, locks and sessions.
+    """Preflight: connection, versions, client tools, privileges, revisions, locks, sessions.
 
     Exits 0 when everything a rollback needs is in place.
     """
@@ -52,6 +52,9 @@ def validate_cmd(
 ) -> None:
     """Post-rollback checks: connectivity, revision, manifest row counts, SQL checks.
 
+    The --checks queries run read-only, each in its own transaction with a 30s statement
+    timeout; --dry-run reads them but runs none.
+
     \b
     Example:
       db-rollback validate --expect-revision 1a2b3c --checks checks.sql
@@ -59,8 +62,9 @@ def validate_cmd(
     app = app.with_flags(dry_run, yes, json_output)
 
     def show(doc: dict[str, Any]) -> None:
-        for check in doc["validation"]:
-            click.echo(f"  ✓ {check['check']}: {check['detail']}")
+        if app.dry_run:
+            click.echo("dry run: the checks file was read; its queries were not run.")
+        render.checks(doc["validation"])
 
     execute(
         app,
@@ -71,6 +75,7 @@ def validate_cmd(
             backup_ref=backup_file,
             expected_revision=expect_revision,
             checks_file=checks_file,
+            run=app.run,
         ),
         show,
     )

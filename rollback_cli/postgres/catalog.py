@@ -13,20 +13,28 @@ if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
 
 
+_USER_TABLES = """
+    SELECT n.nspname, c.relname
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+    ORDER BY 1, 2
+"""
+
+
+def user_tables(conn: PgConnection) -> list[tuple[str, str]]:
+    """(schema, name) of every ordinary and partitioned user table (partitions excluded:
+    their parent stands for them)."""
+    with conn.cursor() as cur:
+        cur.execute(_USER_TABLES)
+        return [(str(schema), str(name)) for schema, name in cur.fetchall()]
+
+
 def table_row_counts(conn: PgConnection) -> dict[str, int]:
     """Exact row counts of every ordinary and partitioned user table, as seen by ``conn``."""
+    tables = user_tables(conn)
     with conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT n.nspname, c.relname
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-              AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
-            ORDER BY 1, 2
-            """
-        )
-        tables = [(str(schema), str(name)) for schema, name in cur.fetchall()]
         counts: dict[str, int] = {}
         for schema, name in tables:
             cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name)))

@@ -218,7 +218,11 @@ def set_allow_connections(conn: PgConnection, dbname: str, allow: bool) -> None:
 
 
 def terminate_backends(
-    conn: PgConnection, dbname: str, timeout: float = TERMINATE_WAIT_SECONDS
+    conn: PgConnection,
+    dbname: str,
+    timeout: float = TERMINATE_WAIT_SECONDS,
+    *,
+    spare: tuple[int, ...] = (),
 ) -> int:
     """Terminate every client session on ``dbname`` and wait until they are gone.
 
@@ -232,8 +236,8 @@ def terminate_backends(
             cur.execute(
                 "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)), count(*) "
                 "FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'",
-                (dbname,),
+                "AND backend_type = 'client backend' AND NOT pid = ANY(%s)",
+                (dbname, list(spare)),
             )
             row = cur.fetchone()
             killed, remaining = (int(row[0]), int(row[1])) if row else (0, 0)

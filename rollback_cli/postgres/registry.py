@@ -34,6 +34,7 @@ RECORD_VERSION = 1
 SCRATCH = "scratch"  # restored copy a data rollback swaps in
 VERIFY = "verify"  # restored copy of a restore test
 KEPT = "kept"  # the database a swap replaced, kept for `rollback undo`
+INPLACE = "in-place"  # on the live database while an in-place restore refuses connections
 SWAPPING = "swapping"
 
 
@@ -64,7 +65,7 @@ class ArtifactRecord:
             record = cls(**data)
         except (ValueError, TypeError):
             return None
-        if record.version != RECORD_VERSION or record.kind not in (SCRATCH, VERIFY, KEPT):
+        if record.version != RECORD_VERSION or record.kind not in (SCRATCH, VERIFY, KEPT, INPLACE):
             return None
         return record
 
@@ -90,6 +91,14 @@ def new_record(conn: PgConnection, kind: str, of: str, run_id: str) -> ArtifactR
     """A record naming ``conn``'s session as the creator (its liveness = the run's)."""
     pid, started = session_identity(conn)
     return ArtifactRecord(kind, of, run_id, now_iso(), pid=pid, backend_start=started)
+
+
+def in_place_record(
+    conn: PgConnection, of: str, run_id: str, comment: str | None
+) -> ArtifactRecord:
+    """Put on the live database while an in-place restore keeps connections out; holds the
+    database's own comment, put back afterwards (or by the repair of a killed run)."""
+    return replace(new_record(conn, INPLACE, of, run_id), comment=comment)
 
 
 def kept_record(of: str, run_id: str, replaced_by: int, comment: str | None) -> ArtifactRecord:

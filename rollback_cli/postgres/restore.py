@@ -12,7 +12,6 @@ from psycopg2 import sql
 
 from rollback_cli.errors import BackupError, OperationFailed, Refused
 from rollback_cli.log import get_logger, redactor
-from rollback_cli.postgres.catalog import user_schemas
 from rollback_cli.postgres.clients import (
     ClientTools,
     child_environment,
@@ -53,7 +52,7 @@ def check_archive_readable(tools: ClientTools, artifact: Path, fmt: str) -> int:
     return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
 
 
-def _psql_argv(
+def psql_argv(
     tools: ClientTools, preamble: Path | None, script: str, *, single_transaction: bool
 ) -> list[str]:
     """psql running ``preamble`` (if any) then ``script`` (a path, or - for stdin)."""
@@ -164,7 +163,7 @@ def _restore_argv(
     preamble: Path | None,
 ) -> list[str]:
     if fmt == "plain":
-        return _psql_argv(tools, preamble, str(artifact), single_transaction=single_transaction)
+        return psql_argv(tools, preamble, str(artifact), single_transaction=single_transaction)
     argv = [tools.pg_restore, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
     argv += _pg_restore_options(no_owner=no_owner, clean=clean)
     if single_transaction:
@@ -213,32 +212,17 @@ def _restore_filtered(
         client_major=tools.major,
         single_transaction=single_transaction,
     )
-    psql = _psql_argv(tools, preamble, "-", single_transaction=single_transaction)
-    producer: subprocess.Popen[bytes] | None = None
+    psql = psql_argv(tools, preamble, "-", single_transaction=single_transaction)
     with (
         child_environment(conninfo, dbname, lock_timeout_ms=lock_timeout_ms, role=role) as env,
         tempfile.TemporaryFile() as psql_err,
         tempfile.TemporaryFile() as source_err,
     ):
-        source: IO[bytes]
-        if fmt == "plain":
-            source = artifact.open("rb")
-        else:
-            argv = [
-                tools.pg_restore,
-                "--file=-",
-                *_pg_restore_options(no_owner=no_owner, clean=clean),
-                str(artifact),
-            ]
-            producer = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=source_err, env=offline_environment()
-            )
-            assert producer.stdout is not None
-            source = producer.stdout
+        source, producer = sql_source(tools, artifact, fmt, no_owner, clean, source_err)
         consumer = subprocess.Popen(
             psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env
         )
-        source_code, code = _pump(source, producer, consumer)
+        source_code, code = pump(source, producer, consumer)
         if source_code != 0:
             reason = error_tail(source_err, f"exit {source_code}")
             raise OperationFailed(f"restore into {dbname} failed: {reason}")
@@ -247,10 +231,35 @@ def _restore_filtered(
             raise OperationFailed(f"restore into {dbname} failed: {reason}")
 
 
-def _pump(
+def sql_source(
+    tools: ClientTools,
+    artifact: Path,
+    fmt: str,
+    no_owner: bool,
+    clean: bool,
+    stderr: IO[bytes],
+) -> tuple[IO[bytes], subprocess.Popen[bytes] | None]:
+    """The archive as SQL text: a plain file itself, or pg_restore's script (offline)."""
+    if fmt == "plain":
+        return artifact.open("rb"), None
+    argv = [
+        tools.pg_restore,
+        "--file=-",
+        *_pg_restore_options(no_owner=no_owner, clean=clean),
+        str(artifact),
+    ]
+    producer = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=stderr, env=offline_environment()
+    )
+    assert producer.stdout is not None
+    return producer.stdout, producer
+
+
+def pump(
     source: IO[bytes],
     producer: subprocess.Popen[bytes] | None,
     consumer: subprocess.Popen[bytes],
+    trailer: bytes = b"",
 ) -> tuple[int, int]:
     """Feed ``source`` to psql without the lines older servers reject; return the exit
     codes of the producer (0 for a file) and of psql.
@@ -270,6 +279,8 @@ def _pump(
                 consumer.stdin.write(line)
         source_code = producer.wait() if producer is not None else 0
         complete = source_code == 0
+        if complete and trailer:
+            consumer.stdin.write(trailer)
     except BrokenPipeError:
         complete = True  # psql stopped at an error on its own; its stderr says which
     finally:
@@ -285,55 +296,7 @@ def _pump(
     return source_code, code
 
 
-def replace_contents(
-    tools: ClientTools,
-    conninfo: ConnInfo,
-    artifact: Path,
-    fmt: str,
-    *,
-    server_major_version: int,
-    no_owner: bool,
-) -> None:
-    """Replace the contents of the database ``conninfo`` names with the archive's, in one
-    transaction: the result holds exactly the backup's objects, or nothing changed."""
-    if fmt != "plain":
-        restore_into(
-            tools,
-            conninfo,
-            conninfo.dbname,
-            artifact,
-            fmt,
-            clean=True,
-            single_transaction=True,
-            no_owner=no_owner,
-            server_major_version=server_major_version,
-        )
-        return
-    # A plain script has no --clean: drop the user schemas first, in the same transaction.
-    conn = connect(conninfo)
-    try:
-        preamble = _plain_preamble(conn, user_schemas(conn), server_major_version)
-    finally:
-        conn.close()
-    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
-        handle.write(preamble)
-    combined = Path(handle.name)
-    try:
-        restore_into(
-            tools,
-            conninfo,
-            conninfo.dbname,
-            artifact,
-            fmt,
-            single_transaction=True,
-            preamble=combined,
-            server_major_version=server_major_version,
-        )
-    finally:
-        combined.unlink(missing_ok=True)
-
-
-def _plain_preamble(conn: PgConnection, schemas: list[str], major: int) -> str:
+def plain_preamble(conn: PgConnection, schemas: list[str], major: int) -> str:
     """SQL that empties the database the way a plain dump expects to find it."""
     statements: list[sql.Composable] = [
         sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))

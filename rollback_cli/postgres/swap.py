@@ -245,7 +245,8 @@ def _put_back(
 
 
 def repair_interrupted_swaps(conn: PgConnection, live: str) -> list[str]:
-    """Finish or undo every swap of ``live`` whose run died (kill -9, lost machine).
+    """Finish or undo every swap of ``live`` whose run died (kill -9, lost machine), and
+    let connections in again after a killed in-place restore.
 
     Before the renames: the live database gets its comment back and accepts connections.
     Between them: the original is renamed back. After them: the swap is finished (comment,
@@ -255,9 +256,15 @@ def repair_interrupted_swaps(conn: PgConnection, live: str) -> list[str]:
     done: list[str] = []
     for artifact in registry.artifacts_of(conn, live):
         record = artifact.record
-        if record.state != registry.SWAPPING or registry.run_is_alive(conn, record):
+        if registry.run_is_alive(conn, record):
             continue
-        done += _repair_one(conn, live, artifact)
+        if record.state == registry.SWAPPING:
+            done += _repair_one(conn, live, artifact)
+        elif record.kind == registry.INPLACE and artifact.name == live:
+            # An in-place restore was killed: its transaction was rolled back by the server.
+            set_comment(conn, live, record.comment)
+            set_allow_connections(conn, live, True)
+            done.append(f"{live} accepts connections again (an in-place restore was killed)")
     if allows_connections(conn, live) is False and not done:
         get_logger().warning(
             "the live database refuses connections and no interrupted swap of ours explains "

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate
 from rollback_cli.backups.manifest import Manifest
-from rollback_cli.backups.scratch import restored_copy
+from rollback_cli.backups.scratch import compare_on, restored_copy
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
-from rollback_cli.errors import OperationFailed, Refused
+from rollback_cli.checks import Check
+from rollback_cli.errors import ManualAttention, OperationFailed, Refused
 from rollback_cli.log import step
 from rollback_cli.postgres import registry
-from rollback_cli.postgres.catalog import read_database_state
+from rollback_cli.postgres.catalog import database_properties, is_member_of, read_database_state
 from rollback_cli.postgres.connection import current_run_id, maintenance_connection
+from rollback_cli.postgres.ddl import set_comment
+from rollback_cli.postgres.inplace import WritersStopped
 from rollback_cli.postgres.names import PRE_MARK, SCRATCH_MARK, derived_name, free_derived_name
-from rollback_cli.postgres.restore import replace_contents
 from rollback_cli.postgres.swap import Swap, check_swap_allowed, swap_databases
 from rollback_cli.rollback.lifecycle import (
     Procedure,
@@ -23,12 +26,21 @@ from rollback_cli.rollback.lifecycle import (
     RollbackResult,
     plan_safety_backup,
     plan_validation,
+    take_safety_backup,
 )
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PgConnection
 
 
 class DataRollback(Procedure):
     kind = "data"
     action = "data rollback"
+
+    @property
+    def takes_safety_backup(self) -> bool:  # type: ignore[override]
+        # In place, the safety backup is taken once writers are stopped (restore_in_place).
+        return self.ctx.options.strategy == "swap"
 
     def __init__(self, ctx: RollbackContext, backup_ref: str) -> None:
         super().__init__(ctx)
@@ -62,7 +74,12 @@ class DataRollback(Procedure):
             f"{manifest.alembic_revision or 'none'}, taken {manifest.created_at})",
         )
         result.plan_step("lock", f"advisory lock for {db} in the maintenance database (free)")
-        plan_safety_backup(ctx, result, f"full backup of {db}")
+        plan_safety_backup(
+            ctx,
+            result,
+            f"full backup of {db}"
+            + (" (kept database stays too)" if ctx.options.strategy == "swap" else ""),
+        )
         superuser = ctx.inspection.privileges["superuser"]
         owner_note = "" if superuser else " (--no-owner: role is not superuser)"
         if ctx.options.strategy == "swap":
@@ -85,26 +102,31 @@ class DataRollback(Procedure):
                 + f" ({checked} statements checked in a rolled-back transaction)",
             )
         else:
-            tool = (
-                "psql --single-transaction"
-                if manifest.format == "plain"
-                else "pg_restore --clean --if-exists --single-transaction"
+            result.plan_step(
+                "stop-writers",
+                f"one psql session locks every table of {db} IN EXCLUSIVE MODE (readers go "
+                f"on, writers wait; lock_timeout {ctx.options.timeouts.lock_timeout_ms}ms); "
+                "the safety backup is taken then, so it holds every committed write",
             )
             result.plan_step(
-                "restore", f"{tool} into {db} (atomic; holds locks while it runs)" + owner_note
+                "restore",
+                f"refuse new connections, end the other sessions of {db}, drop its user "
+                "schemas and restore the backup in that same transaction; commit only if all "
+                "of it succeeds; allow connections" + owner_note,
             )
         if validate:
             plan_validation(ctx, result, "manifest row counts")
 
     def apply(self, result: RollbackResult) -> None:
         if self.ctx.options.strategy == "in-place":
-            with step("restore-in-place"):
-                restore_in_place(self.ctx, self.backup)
+            restore_in_place(self.ctx, self.backup, result)
         else:
             swap_in_restored_copy(self.ctx, self.backup, result)
 
     def validation(self) -> tuple[list[str] | None, Manifest | None]:
-        return self.backup.manifest.alembic_revisions, self.backup.manifest
+        # Row counts were compared where no application could write meanwhile: on the
+        # restored copy before the swap, or in place before connections were allowed.
+        return self.backup.manifest.alembic_revisions, None
 
     def revision_after(self, result: RollbackResult) -> str | None:
         return self.backup.manifest.alembic_revision
@@ -207,6 +229,14 @@ def swap_in_restored_copy(
                     + "; ".join(mismatches[:5])
                     + "; live database unchanged"
                 )
+            result.validation.append(
+                Check.of(
+                    "row counts",
+                    True,
+                    f"{copy.comparison['tables']} tables match the manifest "
+                    "(the restored copy, before the swap)",
+                )
+            )
             swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
             with step("swap") as details:
                 result.unavailable_ms = swap_databases(
@@ -221,14 +251,61 @@ def swap_in_restored_copy(
         admin.close()
 
 
-def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup) -> None:
-    """One atomic restore into the live database."""
+def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult) -> None:
+    """Writers stopped, the safety backup (it then holds every committed write), then one
+    transaction that replaces everything; connections are refused only for that last part."""
     inspection = ctx.inspection
-    replace_contents(
-        inspection.tools,
-        inspection.conninfo,
-        backup.local,
-        backup.manifest.format,
-        server_major_version=inspection.major,
-        no_owner=not inspection.privileges["superuser"],
+    db = inspection.dbname
+    superuser = inspection.privileges["superuser"]
+    tools = inspection.tools if inspection.tools.major >= backup.tools.major else backup.tools
+    admin = maintenance_connection(ctx.target.conninfo)
+    try:
+        comment = read_database_state(admin, db).comment
+        owner = database_properties(admin, db).owner
+        role = owner if not superuser and is_member_of(admin, owner) else None
+        with WritersStopped(
+            tools,
+            inspection.conninfo,
+            admin,
+            server_major=inspection.major,
+            no_owner=not superuser,
+            role=role,
+            lock_timeout_ms=ctx.options.timeouts.lock_timeout_ms,
+        ) as writers:
+            take_safety_backup(ctx, result)
+            registry.write(
+                admin, db, registry.in_place_record(admin, db, current_run_id(), comment)
+            )
+            try:
+                with step("restore-in-place"):
+                    writers.replace_with(
+                        backup.local,
+                        backup.manifest.format,
+                        lambda conn: _check_in_place(conn, db, backup, result),
+                    )
+            finally:
+                set_comment(admin, db, comment)
+    finally:
+        admin.close()
+
+
+def _check_in_place(
+    conn: PgConnection, db: str, backup: VerifiedBackup, result: RollbackResult
+) -> None:
+    """The restored database against the manifest, before anyone else can connect."""
+    comparison = compare_on(conn, db, backup.manifest)
+    if comparison["mismatches"]:
+        where = f" {result.safety_backup.uri}" if result.safety_backup else ""
+        raise ManualAttention(
+            f"{db} was restored in place but does not match the manifest: "
+            + "; ".join(comparison["mismatches"][:5])
+            + f"; the safety backup{where} holds the previous state"
+        )
+    result.validation.append(
+        Check.of(
+            "row counts",
+            True,
+            f"{comparison['tables']} tables match the manifest "
+            "(in place, before connections were allowed)",
+        )
     )

@@ -219,7 +219,7 @@ def _run(procedure: Procedure) -> RollbackResult:
         confirm_protected(ctx.target, ctx.run, procedure.action)
         with rollback_lock(ctx.target.conninfo, ctx.target.dbname):
             if procedure.takes_safety_backup:
-                _safety_backup(ctx, result)
+                take_safety_backup(ctx, result)
             procedure.apply(result)
             # Validated before the lock goes, so no other run starts on an unchecked database.
             expected, manifest = procedure.validation()
@@ -245,7 +245,7 @@ def plan_validation(ctx: RollbackContext, result: RollbackResult, what: str) -> 
     )
 
 
-def _safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
+def take_safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
     if ctx.options.no_safety_backup:
         result.warnings.append("safety backup skipped (--no-safety-backup)")
         get_logger().warning("safety backup skipped on request")
@@ -280,7 +280,7 @@ def _finish_validation(
         raise ManualAttention(
             f"the rollback finished but validation could not run: {exc.one_line()}"
         ) from None
-    result.validation = report.checks
+    result.validation = [*result.validation, *report.checks]
     if report.failures:
         undo = (
             f"; `rollback undo` swaps {result.kept_database} back" if result.kept_database else ""

@@ -11,12 +11,12 @@ from rollback_cli.checks import FAIL, INFO, OK, WARNING, Check, summary
 from rollback_cli.errors import ConfigError, Refused, RollbackError
 from rollback_cli.log import get_logger
 from rollback_cli.postgres.catalog import (
-    alembic_revisions,
     owns_database,
     risky_sessions,
     role_privileges,
 )
-from rollback_cli.postgres.clients import find_client
+from rollback_cli.postgres.checks import UnreadableTable, missing_client_tools, readable_revisions
+from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import (
     connect,
     database_error,
@@ -25,7 +25,7 @@ from rollback_cli.postgres.connection import (
     server_version_text,
 )
 from rollback_cli.postgres.lock import lock_holder
-from rollback_cli.rollback.artifacts import kept_databases
+from rollback_cli.rollback.artifacts import kept_databases, undo_candidate
 from rollback_cli.rollback.migrations import known_revision, load_config, script_directory
 
 if TYPE_CHECKING:
@@ -64,8 +64,7 @@ def preflight(target: Target) -> StatusReport:
             f"{conninfo.redacted_url()} (PostgreSQL {server_version_text(conn)})",
         )
         try:
-            tools = find_client(major, target.pg_bin_dir)
-            report.add("client", OK, f"pg_dump {tools.version} in {tools.bin_dir}")
+            _client(find_client(major, target.pg_bin_dir), report)
         except RollbackError as exc:
             report.add("client", FAIL, exc.one_line())
         checks: list[tuple[str, Callable[[], None]]] = [
@@ -94,6 +93,24 @@ def preflight(target: Target) -> StatusReport:
         error.report = report  # type: ignore[attr-defined]
         raise error
     return report
+
+
+def _client(tools: ClientTools, report: StatusReport) -> None:
+    """pg_dump was found; a rollback needs pg_restore and psql from the same directory."""
+    missing = missing_client_tools(tools)
+    if missing:
+        report.add(
+            "client",
+            FAIL,
+            f"{', '.join(missing)} missing or not executable in {tools.bin_dir} "
+            f"(pg_dump {tools.version} is there; install postgresql-client-{tools.major} "
+            "or point --pg-bin-dir at a directory holding pg_dump, pg_restore and psql)",
+            missing=missing,
+        )
+    else:
+        report.add(
+            "client", OK, f"pg_dump {tools.version} in {tools.bin_dir} (with pg_restore, psql)"
+        )
 
 
 def _privileges(conn: Any, dbname: str, report: StatusReport) -> None:
@@ -130,7 +147,11 @@ def _privileges(conn: Any, dbname: str, report: StatusReport) -> None:
 
 
 def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
-    current = alembic_revisions(conn)
+    try:
+        current = readable_revisions(conn)
+    except UnreadableTable as exc:
+        report.add("revision", FAIL, f"cannot check: {exc.reason} ({exc.hint})")
+        return
     report.current_revision = ",".join(current) or None
     head: str | None = None
     unknown: list[str] = []
@@ -190,10 +211,15 @@ def _sessions(conn: Any, dbname: str, report: StatusReport) -> None:
 def _kept_databases(conn: Any, dbname: str, report: StatusReport) -> None:
     kept = kept_databases(conn, dbname)
     if kept:
-        newest = kept[0]
+        candidate = undo_candidate(conn, dbname)
+        undo = (
+            f"`rollback undo` would swap back {candidate.name}"
+            if candidate
+            else "the one kept by the last rollback is gone: `rollback undo` would refuse"
+        )
         report.add(
             "undo",
             INFO,
-            f"{len(kept)} pre-rollback database(s) kept; `rollback undo` would swap back {newest}",
-            databases=kept,
+            f"{len(kept)} pre-rollback database(s) kept; {undo}",
+            databases=[a.name for a in kept],
         )

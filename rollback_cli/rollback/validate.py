@@ -1,4 +1,8 @@
-"""Post-rollback validation: connectivity, revision, manifest row counts, SQL checks."""
+"""Post-rollback validation: connectivity, revision, manifest row counts, SQL checks.
+
+The operator's SQL checks run read-only, one transaction each, under a statement timeout
+(``postgres.checks.run_read_only_check``); a dry run reads and parses them but runs none.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate, read_manifest
-from rollback_cli.checks import Check, failures, summary
+from rollback_cli.checks import INFO, Check, failures, summary
 from rollback_cli.errors import OperationFailed, UsageError
 from rollback_cli.log import get_logger, step
-from rollback_cli.postgres.catalog import (
-    alembic_revisions,
-    run_boolean_check,
-    table_row_counts,
+from rollback_cli.postgres.checks import (
+    CHECK_TIMEOUT_MS,
+    readable_revisions,
+    readable_row_counts,
+    run_read_only_check,
 )
 from rollback_cli.postgres.connection import connect
 
@@ -31,6 +36,22 @@ class ValidationReport:
 
     def add(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append(Check.of(name, ok, detail))
+
+    def plan(self, name: str, sql: str) -> None:
+        """A check of the checks file that a dry run lists without running it."""
+        text = " ".join(sql.split())
+        self.checks.append(
+            Check(
+                name,
+                INFO,
+                f"planned, not run (dry run): {text[:200]}",
+                {"planned": True, "sql": sql},
+            )
+        )
+
+    @property
+    def planned(self) -> list[Check]:
+        return [c for c in self.checks if c.extra.get("planned")]
 
     @property
     def failures(self) -> list[Check]:
@@ -63,8 +84,14 @@ def validate_database(
     expected_revisions: list[str] | None = None,
     manifest: Manifest | None = None,
     checks_file: Path | None = None,
+    dry_run: bool = False,
+    check_timeout_ms: int = CHECK_TIMEOUT_MS,
 ) -> ValidationReport:
-    """Run every check and return the report; the caller decides what a failure means."""
+    """Run every check and return the report; the caller decides what a failure means.
+
+    The checks file's queries run read-only with ``check_timeout_ms`` each; with
+    ``dry_run`` they are read and parsed but only listed as planned. A table the role may
+    not read raises ConfigError (exit 3)."""
     logger = get_logger()
     report = ValidationReport()
     checks = read_checks_file(checks_file) if checks_file else []
@@ -72,8 +99,8 @@ def validate_database(
         conn = connect(conninfo)
         try:
             report.add("connectivity", True, f"connected to {conninfo.dbname}")
-            revisions = alembic_revisions(conn)
             if expected_revisions is not None:
+                revisions = readable_revisions(conn)
                 ok = sorted(revisions) == sorted(expected_revisions)
                 report.add(
                     "revision",
@@ -82,7 +109,7 @@ def validate_database(
                     + ("" if ok else f", expected {','.join(expected_revisions) or 'none'}"),
                 )
             if manifest is not None and manifest.has_data:
-                counts = table_row_counts(conn)
+                counts = readable_row_counts(conn)
                 diffs = [
                     f"{table}: {counts.get(table, 'missing')} rows, manifest {expected}"
                     for table, expected in sorted(manifest.row_counts.items())
@@ -96,7 +123,10 @@ def validate_database(
                     else f"{len(manifest.row_counts)} tables match the manifest",
                 )
             for name, sql in checks:
-                report.add(name, *run_boolean_check(conn, sql))
+                if dry_run:
+                    report.plan(name, sql)
+                else:
+                    report.add(name, *run_read_only_check(conn, sql, timeout_ms=check_timeout_ms))
         finally:
             conn.close()
     for check in report.checks:
@@ -111,8 +141,10 @@ def validate(
     backup_ref: str | None = None,
     expected_revision: str | None = None,
     checks_file: Path | None = None,
+    dry_run: bool = False,
 ) -> list[Check]:
-    """The checks of ``validate``: raises OperationFailed (exit 5) when one fails."""
+    """The checks of ``validate``: raises OperationFailed (exit 5) when one fails. A dry run
+    lists the checks file's queries as planned (status info) instead of running them."""
     manifest = None
     if backup_ref:
         store, key = locate(storage, target.environment, backup_ref)
@@ -125,6 +157,7 @@ def validate(
         expected_revisions=[expected_revision] if expected_revision else None,
         manifest=manifest,
         checks_file=checks_file,
+        dry_run=dry_run,
     )
     if report.failures:
         raise OperationFailed(f"validation failed: {report.summary()}")
