@@ -23,6 +23,7 @@ from rollback_cli.postgres.catalog import (
     alembic_revisions,
     database_exists,
     database_properties,
+    free_connection_slots,
     is_member_of,
     read_database_state,
     role_privileges,
@@ -104,6 +105,7 @@ def restored_copy(
     live_exists = database_exists(admin, target.dbname)
     like = database_properties(admin, target.dbname) if live_exists else None
     acting_role = _acting_role(admin, like, superuser)
+    jobs = _bounded_jobs(admin, jobs)
     scratch = free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
     try:
@@ -132,6 +134,18 @@ def restored_copy(
     finally:
         if copy is None or not copy.kept:
             _drop_quietly(admin, scratch)
+
+
+def _bounded_jobs(admin: PgConnection, jobs: int) -> int:
+    """``jobs``, but never more connections than the server has free (keeping a few for
+    the application and for us): --jobs 500 must not lock everyone out of the cluster."""
+    if jobs <= 1:
+        return jobs
+    bound = max(1, free_connection_slots(admin) // 2)
+    if jobs > bound:
+        get_logger().warning("parallel restore jobs capped", asked=jobs, jobs=bound)
+        return bound
+    return jobs
 
 
 def _acting_role(

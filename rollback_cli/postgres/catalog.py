@@ -155,6 +155,18 @@ def session_alive(conn: PgConnection, pid: int, started: str) -> bool:
         return cur.fetchone() is not None
 
 
+def free_connection_slots(conn: PgConnection) -> int:
+    """Connections the server would still accept from an ordinary role."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT current_setting('max_connections')::int "
+            "- current_setting('superuser_reserved_connections')::int "
+            "- (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')"
+        )
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 def database_exists(conn: PgConnection, dbname: str) -> bool:
     with conn.cursor() as cur:
         cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,))

@@ -21,6 +21,7 @@ from rollback_cli.checks import Check
 from rollback_cli.errors import ManualAttention, Refused, RollbackError, UsageError
 from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import alembic_revisions, owns_database, role_privileges
+from rollback_cli.postgres.checks import missing_client_tools
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import connect, end_run_sessions, server_major
 from rollback_cli.postgres.lock import lock_holder, rollback_lock
@@ -122,6 +123,14 @@ def inspect_target(target: Target) -> Inspection:
             conn.close()
     if holder is not None:
         raise Refused(f"another rollback of {target.dbname} is running ({holder})")
+    missing = missing_client_tools(tools)
+    if missing:
+        # Found now, not after the safety backup when the restore needs them.
+        raise Refused(
+            f"{', '.join(missing)} missing or not executable in {tools.bin_dir}",
+            hint=f"install postgresql-client-{tools.major} or point --pg-bin-dir at a "
+            "directory holding pg_dump, pg_restore and psql",
+        )
     return Inspection(target.conninfo, tools, privileges, owner, revisions, major)
 
 
