@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ConfigError
@@ -14,6 +17,10 @@ if TYPE_CHECKING:
 
 APPLICATION_NAME = "db-rollback"
 DEFAULT_LOCK_TIMEOUT_MS = 5000
+#: the lock timeout of every session a run opens (its --lock-timeout)
+RUN_LOCK_TIMEOUT_MS: ContextVar[int] = ContextVar(
+    "lock_timeout_ms", default=DEFAULT_LOCK_TIMEOUT_MS
+)
 MAINTENANCE_DATABASES = ("postgres", "template1")
 
 
@@ -30,12 +37,13 @@ def connect(
     autocommit: bool = True,
     connect_timeout: int = 10,
     application_name: str | None = None,
-    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS,
+    lock_timeout_ms: int | None = None,
 ) -> PgConnection:
     """Open a psycopg2 connection or raise ConfigError with libpq's reason on one line.
 
-    Every statement of the session waits at most ``lock_timeout_ms`` for a lock (0: no
-    bound), so no step of ours queues behind another session's lock forever.
+    Every statement of the session waits at most ``lock_timeout_ms`` for a lock (default:
+    the run's, see :func:`lock_timeout`; 0: no bound), so no step of ours queues behind
+    another session's lock forever.
     """
     import psycopg2
 
@@ -61,7 +69,9 @@ def connect(
         # libpq rejected the parameters themselves (an unknown URL query option, say).
         raise ConfigError(f"database URL is not valid: {first_line(exc)}") from None
     conn.autocommit = True
-    set_lock_timeout(conn, lock_timeout_ms)
+    set_lock_timeout(
+        conn, RUN_LOCK_TIMEOUT_MS.get() if lock_timeout_ms is None else lock_timeout_ms
+    )
     conn.autocommit = autocommit
     return conn  # type: ignore[no-any-return]  # psycopg2.connect is untyped
 
@@ -98,6 +108,16 @@ def end_run_sessions(conninfo: ConnInfo) -> int:
     return int(row[0]) if row else 0
 
 
+@contextmanager
+def lock_timeout(milliseconds: int) -> Iterator[None]:
+    """Sessions opened inside the block wait at most ``milliseconds`` for a lock."""
+    token = RUN_LOCK_TIMEOUT_MS.set(milliseconds)
+    try:
+        yield
+    finally:
+        RUN_LOCK_TIMEOUT_MS.reset(token)
+
+
 def set_lock_timeout(conn: PgConnection, milliseconds: int) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(milliseconds)}ms",))
@@ -122,7 +142,7 @@ def server_version_text(conn: PgConnection) -> str:
 
 
 def maintenance_connection(
-    conninfo: ConnInfo, *, lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+    conninfo: ConnInfo, *, lock_timeout_ms: int | None = None
 ) -> PgConnection:
     """A connection to a database other than the target (for CREATE/ALTER/DROP DATABASE)."""
     last_error: ConfigError | None = None

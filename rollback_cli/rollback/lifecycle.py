@@ -23,7 +23,12 @@ from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import alembic_revisions, owns_database, role_privileges
 from rollback_cli.postgres.checks import missing_client_tools
 from rollback_cli.postgres.clients import ClientTools, find_client
-from rollback_cli.postgres.connection import connect, end_run_sessions, server_major
+from rollback_cli.postgres.connection import (
+    connect,
+    end_run_sessions,
+    lock_timeout,
+    server_major,
+)
 from rollback_cli.postgres.lock import lock_holder, rollback_lock
 from rollback_cli.rollback.artifacts import repair
 from rollback_cli.rollback.guard import confirm_protected
@@ -205,7 +210,8 @@ def run_rollback(procedure: Procedure) -> RollbackResult:
     """Run ``procedure`` through the lifecycle; see the module's docstring. On any failure
     or interrupt, the server sessions this run's client tools left are ended."""
     try:
-        return _run(procedure)
+        with lock_timeout(procedure.ctx.options.timeouts.lock_timeout_ms):
+            return _run(procedure)
     except BaseException:
         with suppress(Exception):
             ended = end_run_sessions(procedure.ctx.target.conninfo)
