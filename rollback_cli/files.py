@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rollback_cli.errors import ConfigError
@@ -28,3 +31,33 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing_in(directory: Path) -> Iterator[None]:
+    """Hold the directory's writers lock (a shared flock on the directory itself) while
+    writing temp files in it: cleanup then knows whether a temp file belongs to a run that
+    is still going. The kernel drops the lock when the process dies, even under SIGKILL."""
+    ensure_private_dir(directory)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def no_writers_in(directory: Path) -> Iterator[bool]:
+    """True (and no run can start writing until the block ends) when no run writes temp
+    files in ``directory``; False when one does."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

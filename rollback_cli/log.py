@@ -9,6 +9,7 @@ run has one format and carries run_id, environment, command, step and actor.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote
 
 import structlog
 
@@ -30,44 +32,135 @@ _SENSITIVE_KEYS = re.compile(
     r"database_url|aws_secret_access_key|aws_session_token)",
     re.IGNORECASE,
 )
+# URL user-info, the pattern pass after the exact one: the password runs to the LAST "@"
+# before the path (a raw "@" in a password is common; "/" ends the host part).
 _URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/:@\s]*):(?P<pw>[^@\s/]*)@"
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/:@\s]*):(?P<pw>[^\s/]*)@"
 )
-_KV_PASSWORD = re.compile(r"(?P<key>\b(?:password|PGPASSWORD)\s*=\s*)(?P<value>'[^']*'|\S+)")
+# A URL whose user-info is a single token (https://TOKEN@host, s3://KEY@bucket): the token
+# is the secret. PostgreSQL URLs name a user there, which is not.
+_URL_TOKEN = re.compile(
+    r"(?P<scheme>(?<![A-Za-z0-9+.-])(?!(?i:postgres(?:ql)?(?:\+[a-z0-9]+)?)://)"
+    r"[A-Za-z][A-Za-z0-9+.-]*://)"
+    r"(?P<token>[^/:@\s]+)@"
+)
+_KV_PASSWORD = re.compile(
+    r"""(?P<key>\b(?:password|passwd|pgpassword|aws_secret_access_key|aws_session_token)"""
+    r"""\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""",
+    re.IGNORECASE,
+)
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_POSTGRES_SCHEMES = frozenset({"postgres", "postgresql"})
 REDACTED = "***"
+_MIN_SECRET = 3
 
 _handlers: list[logging.Handler] = []
 # A library stays silent until its user configures logging (the standard library's advice).
 logging.getLogger("rollback_cli").addHandler(logging.NullHandler())
 
 
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of ``secret`` that output can hold: raw, percent-encoded (as a URL
+    carries it), with its whitespace collapsed (one-line messages), escaped by repr or JSON."""
+    escaped = secret.replace("\\", "\\\\")  # inside a repr() of a longer string
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret, safe=""),
+        " ".join(secret.split()),
+        repr(secret)[1:-1],
+        escaped,
+        escaped.replace("'", "\\'"),
+        escaped.replace('"', '\\"'),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    return {form for form in forms if len(form) >= _MIN_SECRET}
+
+
+def url_passwords(text: str, *, whole: bool = False) -> list[str]:
+    """The passwords of the URLs in ``text`` (raw and percent-decoded), read generously: a
+    password may hold a raw "@", "/", "?", "#" or ":", so every "@" after the user name
+    ends one candidate and all are returned (the redactor replaces the longest first).
+
+    ``whole``: ``text`` is one value (an argument, an option), so a password may hold
+    spaces too; in free text a URL ends at whitespace.
+    """
+    found: list[str] = []
+    for match in _URL_START.finditer(text):
+        scheme = match.group().removesuffix("://").partition("+")[0].lower()
+        rest = text[match.end() :]
+        if not whole:
+            rest = rest.split(None, 1)[0] if rest.strip() else ""
+        user, colon, after = rest.partition(":")
+        candidates: list[str] = []
+        if colon and not any(c in user for c in "/@?#"):
+            candidates = [after[:at] for at, char in enumerate(after) if char == "@"]
+        elif scheme not in _POSTGRES_SCHEMES:
+            # A single-token user-info (no ":"): the token is the credential.
+            host_part = re.split(r"[/?#\s]", rest, maxsplit=1)[0]
+            if "@" in host_part:
+                candidates = [host_part.rpartition("@")[0]]
+        for candidate in candidates:
+            found += [candidate, unquote(candidate)]
+    return [value for value in dict.fromkeys(found) if len(value) >= _MIN_SECRET]
+
+
 class Redactor:
-    """Scrubs credentials from every event: URL user-info, key=value pairs, known secrets."""
+    """Scrubs credentials from text and events.
+
+    Exact known secrets go first, in every spelling :func:`secret_forms` lists, longest
+    first in one pass; the patterns (URL user-info, key=value passwords) only after, so a
+    password holding "@", ":", "/" or "%" is never cut by a pattern before the exact pass
+    sees it whole.
+    """
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
 
     def add_secret(self, value: str | None) -> None:
-        if value and len(value) >= 3:
+        if value and len(value) >= _MIN_SECRET and value not in self._secrets:
             self._secrets.add(value)
+            self._pattern = None
+
+    def add_url_secrets(self, text: str | None, *, whole: bool = True) -> None:
+        """Register the password of every URL in ``text`` (see :func:`url_passwords`)."""
+        if text and "://" in text:
+            for password in url_passwords(text, whole=whole):
+                self.add_secret(password)
 
     def clear(self) -> None:
         self._secrets.clear()
+        self._pattern = None
+
+    def _exact(self) -> re.Pattern[str] | None:
+        if self._pattern is None and self._secrets:
+            forms = set().union(*(secret_forms(s) for s in self._secrets))
+            ordered = sorted(forms, key=lambda form: (-len(form), form))
+            self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        return self._pattern
 
     def scrub(self, text: str) -> str:
+        exact = self._exact()
+        if exact is not None:
+            text = exact.sub(REDACTED, text)
         text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-        text = _KV_PASSWORD.sub(lambda m: f"{m['key']}{REDACTED}", text)
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
-        return text
+        text = _URL_TOKEN.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+        return _KV_PASSWORD.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
     def scrub_value(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.scrub(value)
         if isinstance(value, dict):
-            return {k: self._scrub_item(str(k), v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
+            return {
+                self.scrub(k) if isinstance(k, str) else k: self._scrub_item(str(k), v)
+                for k, v in value.items()
+            }
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+            return type(value)(*(self.scrub_value(v) for v in value))
+        if isinstance(value, list | tuple | set | frozenset):
             return type(value)(self.scrub_value(v) for v in value)
         if isinstance(value, Path):
             return self.scrub(str(value))
@@ -193,13 +286,22 @@ def _formatter(*processors: Any) -> logging.Formatter:
     )
 
 
+def _scrub_text(_logger: Any, _method: str, text: Any) -> Any:
+    """The last step of a plain-text renderer: its line, scrubbed once more as a whole.
+    (JSON lines are not: a replacement could cut an escape sequence; their values were
+    scrubbed just before rendering.)"""
+    return redactor.scrub(text) if isinstance(text, str) else text
+
+
 def _stderr_handler(log_format: str, level: int) -> logging.Handler:
     # Exceptions are rendered by the formatters, after the shared chain: scrub them again
     # once they are text (an exception's message can hold a URL with a password).
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "console":
         console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        handler.setFormatter(_formatter(structlog.processors.format_exc_info, redactor, console))
+        handler.setFormatter(
+            _formatter(structlog.processors.format_exc_info, redactor, console, _scrub_text)
+        )
     else:
         handler.setFormatter(_formatter(_dict_tracebacks, redactor, _json_renderer))
     handler.setLevel(level)

@@ -67,12 +67,15 @@ def check_children(record: Path, *secrets: str) -> list[dict[str, Any]]:
         for secret in (PASSWORD, quote(PASSWORD, safe=""), *secrets):
             assert secret not in argv, f"{call['tool']} argv holds the password: {argv}"
         assert "://" not in argv, f"{call['tool']} got a URL: {argv}"
-        if "--list" in call["argv"]:
+        if "--list" in call["argv"] or "--file=-" in call["argv"]:
             continue  # reads a file, connects nowhere
         assert "PGPASSWORD" not in call["env_names"], f"{call['tool']} got PGPASSWORD"
         assert "DATABASE_URL" not in call["env_names"]
         assert call["pgpassfile"] and call["passfile_mode"] == "0o600"
-        assert not Path(call["pgpassfile"]).exists(), "the passfile outlived the run"
+        if not call["pgpassfile"].startswith("/proc/self/fd/"):
+            # A named file must be gone; an inherited anonymous memory file (memfd) has no
+            # name, and nothing is left of it once the processes holding it end.
+            assert not Path(call["pgpassfile"]).exists(), "the passfile outlived the run"
     return calls
 
 

@@ -12,7 +12,7 @@ import pytest
 from rollback_cli.backups.catalog import cleanup_backups, fetched, list_backups, read_manifest
 from rollback_cli.backups.manifest import Manifest, manifest_key
 from rollback_cli.errors import BackupError, ConfigError, UsageError
-from rollback_cli.files import TEMP_PREFIX
+from rollback_cli.files import TEMP_PREFIX, writing_in
 from rollback_cli.settings import StorageConfig
 from rollback_cli.storage import open_storage
 from rollback_cli.storage.base import sha256_artifact, sha256_file, sha256_tree
@@ -135,21 +135,27 @@ def test_keys_cannot_escape_the_root(tmp_path: Path) -> None:
 
 
 def test_cleanup_incomplete_removes_only_stale_temp_files(tmp_path: Path) -> None:
+    """While a run writes in the directory (it holds the writers lock), only temp files past
+    the cutoff go; once no run writes there, every temp file is a dead run's and goes."""
     storage = LocalStorage(tmp_path)
     stale = write(tmp_path / f"{TEMP_PREFIX}backup_old.dump", b"partial")
     old = time.time() - 7200
     os.utime(stale, (old, old))
-    write(tmp_path / f"{TEMP_PREFIX}backup_running.dump", b"partial")
+    running = write(tmp_path / f"{TEMP_PREFIX}backup_running.dump", b"partial")
     write(tmp_path / "backup_done.dump", b"whole")
 
     assert [o.key for o in storage.list_objects()] == ["backup_done.dump"]
-    assert storage.cleanup_incomplete(3600, dry_run=True) == [stale.name]
-    assert stale.exists()
-    assert storage.cleanup_incomplete(3600) == [stale.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"{TEMP_PREFIX}backup_running.dump",
-        "backup_done.dump",
-    ]
+    with writing_in(tmp_path):  # a run is writing
+        assert storage.cleanup_incomplete(3600, dry_run=True) == [stale.name]
+        assert stale.exists()
+        assert storage.cleanup_incomplete(3600) == [stale.name]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            running.name,
+            "backup_done.dump",
+        ]
+    # The run died without removing its temp file: nothing writes here any more.
+    assert storage.cleanup_incomplete(3600) == [running.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup_done.dump"]
 
 
 # --- catalog over the interface ----------------------------------------------------------

@@ -19,7 +19,7 @@ from rollback_cli.backups.manifest import (
     manifest_key,
 )
 from rollback_cli.errors import BackupError, UsageError
-from rollback_cli.files import TEMP_PREFIX, ensure_private_dir
+from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, writing_in
 from rollback_cli.log import get_logger
 from rollback_cli.storage import (
     REMOTE_SCHEMES,
@@ -166,7 +166,10 @@ def locate(config: StorageConfig, environment: str, ref: str) -> tuple[Storage, 
     the configured storage. The caller closes the returned storage."""
     if not ref or not ref.strip():
         raise UsageError("BACKUP must not be empty")
-    parts = urlsplit(ref)
+    try:
+        parts = urlsplit(ref)
+    except ValueError:
+        raise UsageError("BACKUP is not a valid path or URI (malformed host part)") from None
     if parts.scheme in REMOTE_SCHEMES:
         # The configured storage when the URI lies under it (so its prefix and environment
         # apply), else a storage opened on the URI's own bucket and prefix.
@@ -208,6 +211,13 @@ def fetched(storage: Storage, key: str, manifest: Manifest) -> Iterator[Path]:
         return
     scratch_dir = staging_dir(storage)
     ensure_private_dir(scratch_dir)
+    with writing_in(scratch_dir):
+        yield from _downloaded(storage, key, manifest, scratch_dir)
+
+
+def _downloaded(
+    storage: Storage, key: str, manifest: Manifest, scratch_dir: Path
+) -> Iterator[Path]:
     temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}download-", dir=scratch_dir))
     try:
         target = temp_dir / Path(key).name

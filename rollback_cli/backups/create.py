@@ -22,12 +22,14 @@ from rollback_cli.backups.dump import (
     ProgressCallback,
     RowCounter,
     compress_args,
+    is_lock_timeout,
+    lock_timeout_failed,
     pg_dump_argv,
     run_pg_dump,
 )
 from rollback_cli.backups.manifest import FORMAT_EXTENSIONS, Manifest, manifest_key
 from rollback_cli.errors import ConfigError, OperationFailed
-from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path
+from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path, writing_in
 from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import alembic_revisions
 from rollback_cli.postgres.clients import ClientTools, find_client
@@ -36,12 +38,11 @@ from rollback_cli.postgres.connection import (
     export_snapshot,
     server_major,
     server_version_text,
+    set_lock_timeout,
 )
 from rollback_cli.storage import Storage, staging_dir
 
 if TYPE_CHECKING:
-    from psycopg2.extensions import connection as PgConnection
-
     from rollback_cli.settings import Target
 
 __all__ = ["BackupRequest", "BackupResult", "create_backup", "plan_backup"]
@@ -107,11 +108,31 @@ def create_backup(
     keep_local: bool = False,
     progress: ProgressCallback | None = None,
 ) -> BackupResult:
-    """Dump ``target`` and store it in ``storage`` with its manifest."""
+    """Dump ``target`` and store it in ``storage`` with its manifest.
+
+    Every table lock (pg_dump's and the row counts') is waited for at most
+    ``request.lock_timeout_ms``; reaching it is an OperationFailed naming the table.
+    """
     request.check()
+    staging = staging_dir(storage)
+    ensure_private_dir(staging)
+    # Cleanup removes this run's temp files at once if it dies, never while it runs.
+    with writing_in(staging):
+        return _create_backup(target, storage, request, keep_local=keep_local, progress=progress)
+
+
+def _create_backup(
+    target: Target,
+    storage: Storage,
+    request: BackupRequest,
+    *,
+    keep_local: bool,
+    progress: ProgressCallback | None,
+) -> BackupResult:
     log = get_logger()
     with step("connect"):
         snap_conn = connect(target.conninfo, autocommit=False)
+    counter = RowCounter(snap_conn) if request.backup_type != "schema" else None
     try:
         server_version = server_version_text(snap_conn)
         tools = find_client(server_major(snap_conn), target.pg_bin_dir)
@@ -126,7 +147,16 @@ def create_backup(
         ensure_private_dir(staging)
         created = datetime.now(timezone.utc)
         snapshot = export_snapshot(snap_conn)
-        revisions = alembic_revisions(snap_conn)
+        # Inside the snapshot transaction: it lasts as long as the queries it bounds.
+        set_lock_timeout(snap_conn, request.lock_timeout_ms)
+        try:
+            revisions = alembic_revisions(snap_conn)
+        except Exception as exc:
+            if is_lock_timeout(exc):
+                raise lock_timeout_failed(
+                    "reading the Alembic revision", "alembic_version", request.lock_timeout_ms
+                ) from None
+            raise
         name, temp_path = _reserve_name(
             backup_name(
                 target.environment, request.backup_type, request.fmt, created, request.kind
@@ -136,7 +166,7 @@ def create_backup(
             directory=request.fmt == "directory",
         )
         started = time.monotonic()
-        dumped = _dump(tools, request, snapshot, target, snap_conn, name, temp_path, progress)
+        dumped = _dump(tools, request, snapshot, target, counter, name, temp_path, progress)
         snap_conn.rollback()
         final_path = staging / name
         temp_path.rename(final_path)
@@ -163,7 +193,14 @@ def create_backup(
         )
         return BackupResult(name, storage.uri(name), local_path, manifest, storage.location)
     finally:
-        snap_conn.close()
+        if counter is not None and counter.is_alive():
+            counter.stop()  # run_pg_dump already did; this is the last resort
+        if counter is not None and counter.is_alive():
+            # psycopg2 would wait for the running query before closing: leave the
+            # connection to the process's exit rather than wait without bound.
+            log.warning("row count still running; its connection is left open")
+        else:
+            snap_conn.close()
 
 
 def _manifest(
@@ -216,14 +253,13 @@ def _dump(
     request: BackupRequest,
     snapshot: str | None,
     target: Target,
-    snap_conn: PgConnection,
+    counter: RowCounter | None,
     name: str,
     temp_path: Path,
     progress: ProgressCallback | None,
 ) -> _Dumped:
-    """pg_dump into ``temp_path`` while the rows are counted in the same snapshot."""
+    """pg_dump into ``temp_path`` while ``counter`` counts the rows in the same snapshot."""
     with step("dump", backup=name, type=request.backup_type, format=request.fmt) as details:
-        counter = RowCounter(snap_conn) if request.backup_type != "schema" else None
         try:
             sha256, size, archive_version = run_pg_dump(
                 tools, request, snapshot, target.conninfo, temp_path, counter, progress

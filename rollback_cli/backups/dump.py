@@ -1,11 +1,19 @@
 """Running pg_dump: its command line, the stream hashed while it is written, row counts
-counted in the same snapshot meanwhile."""
+counted in the same snapshot meanwhile.
+
+No wait here is unbounded: pg_dump gets ``--lock-wait-timeout`` and the snapshot connection
+``lock_timeout`` (both ``BackupRequest.lock_timeout_ms``); on an interrupt pg_dump is stopped
+and the row count running on the snapshot connection is cancelled, its thread joined with a
+timeout.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -13,10 +21,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rollback_cli.backups.manifest import BACKUP_FORMATS, BACKUP_TYPES
 from rollback_cli.errors import OperationFailed, UsageError
+from rollback_cli.log import redactor
 from rollback_cli.postgres.catalog import table_row_counts
 from rollback_cli.postgres.clients import ClientTools, child_environment, error_tail
 from rollback_cli.postgres.connection import first_line
@@ -29,6 +38,14 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, float], None]
 COMPRESS_METHODS = ("gzip", "lz4", "zstd", "none")
+DEFAULT_LOCK_TIMEOUT_MS = 5000
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout (and NOWAIT) failures
+# After an interrupt or a failed pg_dump: how long pg_dump gets to cancel its own query
+# (SIGTERM) before it is killed, how long a row count still running gets to end by itself,
+# and how long cancelling it may take. Together well under the 5 s an interrupt may take.
+TERMINATE_GRACE_SECONDS = 1.0
+COUNTER_GRACE_SECONDS = 0.5
+COUNTER_STOP_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -39,8 +56,12 @@ class BackupRequest:
     compress: str | None = None
     label: str | None = None
     kind: str | None = None  # "safety" for backups taken by a rollback
+    # How long pg_dump and the row counts wait for each table lock; 0 waits forever.
+    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
 
     def check(self) -> None:
+        if self.lock_timeout_ms < 0:
+            raise UsageError("--lock-timeout must not be negative (0 waits forever)")
         if self.backup_type not in BACKUP_TYPES:
             raise UsageError(f"unknown backup type {self.backup_type!r}: use full, schema or data")
         if self.fmt not in BACKUP_FORMATS:
@@ -88,14 +109,71 @@ def pg_dump_argv(
     elif request.backup_type == "data":
         argv.append("--data-only")
     argv += compress_args(request.compress, tools.major)
+    if request.lock_timeout_ms:
+        argv.append(f"--lock-wait-timeout={request.lock_timeout_ms}ms")
     if request.fmt == "directory":
         assert output is not None
         argv += [f"--jobs={request.jobs}", f"--file={output}"]
     return argv
 
 
+def format_ms(ms: int) -> str:
+    """``5000`` → ``5s``, ``120000`` → ``2min``, ``1500`` → ``1500ms``."""
+    if ms >= 60_000 and ms % 60_000 == 0:
+        return f"{ms // 60_000}min"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+def lock_timeout_failed(
+    who: str, table: str | None, timeout_ms: int, candidates: list[str] | None = None
+) -> OperationFailed:
+    """The one-line error of a lock wait that reached ``timeout_ms``: the table when known,
+    else the few it was one of."""
+    if table:
+        what = f"table {table}"
+    elif candidates and len(candidates) <= 3:
+        what = f"one of the tables {', '.join(candidates)}"
+    elif candidates:
+        what = f"one of {len(candidates)} tables"
+    else:
+        what = "a table"
+    return OperationFailed(
+        f"{who} could not lock {what} within {format_ms(timeout_ms)}: another session holds "
+        "it; retry or raise --lock-timeout"
+    )
+
+
+def is_lock_timeout(exc: BaseException | None) -> bool:
+    """A PostgreSQL error raised because a lock was not granted in time (psycopg2 not
+    imported: its errors carry the SQLSTATE as ``pgcode``)."""
+    return exc is not None and getattr(exc, "pgcode", None) == LOCK_NOT_AVAILABLE
+
+
+_COUNTED_TABLE = re.compile(r'\bFROM\s+"((?:[^"]|"")*)"\."((?:[^"]|"")*)"')
+
+
+def locked_table(exc: BaseException) -> str | None:
+    """``schema.table`` of the query that ``exc`` ended, when its text names one table."""
+    query = getattr(getattr(exc, "cursor", None), "query", None)
+    if isinstance(query, bytes):
+        query = query.decode("utf-8", "replace")
+    match = _COUNTED_TABLE.search(query) if isinstance(query, str) else None
+    if match is None:
+        return None
+    schema, name = (part.replace('""', '"') for part in match.groups())
+    return f"{schema}.{name}"
+
+
 class RowCounter(threading.Thread):
-    """Counts rows in the exported snapshot while pg_dump streams."""
+    """Counts rows in the exported snapshot while pg_dump streams.
+
+    A daemon thread using the snapshot connection: it must never keep the process alive.
+    ``stop()`` cancels its query (``conn.cancel()`` is safe from another thread) and joins it
+    with a timeout; the connection must not be closed while the thread still runs (psycopg2
+    would wait for the query to end).
+    """
 
     def __init__(self, conn: PgConnection) -> None:
         super().__init__(name="row-counter", daemon=True)
@@ -108,6 +186,29 @@ class RowCounter(threading.Thread):
             self.counts = table_row_counts(self.conn)
         except BaseException as exc:
             self.error = exc
+
+    def stop(self, timeout: float = COUNTER_STOP_SECONDS) -> None:
+        """Cancel the running count and wait at most ``timeout`` seconds for the thread.
+
+        Cancelled again until the thread ends: a cancel that arrives between two counts
+        cancels nothing, and the next count would wait for its lock.
+        """
+        deadline = time.monotonic() + timeout
+        while self.is_alive():
+            with contextlib.suppress(Exception):  # the server may be gone
+                self.conn.cancel()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.join(min(0.2, remaining))
+
+    def wait(self) -> None:
+        """Join the thread; an interrupt while waiting cancels the count first."""
+        try:
+            self.join()
+        except BaseException:
+            self.stop()
+            raise
 
 
 def _stream_dump(
@@ -149,6 +250,63 @@ def archive_version_from_header(header: bytes) -> str | None:
     return None
 
 
+def _end_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop pg_dump: SIGTERM first (it cancels its own query on the server, so no lock
+    request of it stays queued there), SIGKILL when it has not ended within the grace."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(TERMINATE_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+_LOCK_STATEMENT = re.compile(r"query was: LOCK TABLE (?P<tables>.+?) IN ACCESS SHARE MODE", re.I)
+_QUALIFIED_NAME = re.compile(r'(?:"(?:[^"]|"")*"|[^\s,."]+)\.(?:"(?:[^"]|"")*"|[^\s,."]+)')
+
+
+def pg_dump_lock_tables(stderr: str) -> list[str] | None:
+    """The tables of the ``LOCK TABLE`` pg_dump gave up on after ``--lock-wait-timeout``
+    (None when pg_dump failed for another reason). pg_dump 18 locks many in one statement."""
+    if "timeout" not in stderr:
+        return None
+    match = _LOCK_STATEMENT.search(stderr)
+    if match is None:
+        return None
+    return _QUALIFIED_NAME.findall(match.group("tables"))
+
+
+def _stderr_text(stderr_file: IO[bytes]) -> str:
+    stderr_file.seek(0)
+    return redactor.scrub(stderr_file.read().decode("utf-8", "replace"))
+
+
+def _pg_dump_failed(
+    request: BackupRequest,
+    returncode: int,
+    stderr_file: IO[bytes],
+    counter: RowCounter | None,
+) -> OperationFailed | UsageError:
+    reason = error_tail(stderr_file)
+    if "invalid compression specification" in reason:
+        return UsageError(f"--compress {request.compress}: {reason}")
+    tables = pg_dump_lock_tables(_stderr_text(stderr_file)) if request.lock_timeout_ms else None
+    if tables is not None:
+        if len(tables) == 1:
+            busy: str | None = tables[0]
+        elif counter is not None and is_lock_timeout(counter.error):
+            # pg_dump locked several tables in one statement; the row count waited on the
+            # same lock at the same time and knows which one.
+            assert counter.error is not None
+            busy = locked_table(counter.error)
+        else:
+            busy = None
+        return lock_timeout_failed("pg_dump", busy, request.lock_timeout_ms, tables)
+    return OperationFailed(f"pg_dump failed (exit {returncode}): {reason}")
+
+
 def run_pg_dump(
     tools: ClientTools,
     request: BackupRequest,
@@ -167,6 +325,7 @@ def run_pg_dump(
             stdout=None if directory else subprocess.PIPE,
             stderr=stderr_file,
             env=env,
+            pass_fds=env.pass_fds,
             umask=0o077,
         )
         if counter is not None:
@@ -179,29 +338,36 @@ def run_pg_dump(
             else:
                 sha256, size, archive_version = _stream_dump(process, temp_path, progress)
                 process.wait()
-        except OSError as exc:
-            process.kill()
-            process.wait()
-            if exc.errno == errno.ENOSPC:
-                raise OperationFailed(
-                    f"disk full while writing the backup to {temp_path.parent}; "
-                    "partial file removed"
-                ) from None
-            raise OperationFailed(f"cannot write the backup: {exc.strerror}") from None
-        except BaseException:
-            process.kill()
-            process.wait()
+        except BaseException as exc:
+            # An interrupt (SIGINT, or SIGTERM via the runner) or a write error: nothing
+            # here may wait without bound, or the process outlives the signal.
+            try:
+                _end_process(process)
+            finally:
+                if counter is not None:
+                    counter.stop()
+            if isinstance(exc, OSError):
+                if exc.errno == errno.ENOSPC:
+                    raise OperationFailed(
+                        f"disk full while writing the backup to {temp_path.parent}; "
+                        "partial file removed"
+                    ) from None
+                raise OperationFailed(f"cannot write the backup: {exc.strerror}") from None
             raise
-        finally:
-            if counter is not None:
-                counter.join()
         if process.returncode != 0:
-            reason = error_tail(stderr_file)
-            if "invalid compression specification" in reason:
-                raise UsageError(f"--compress {request.compress}: {reason}")
-            raise OperationFailed(f"pg_dump failed (exit {process.returncode}): {reason}")
-        if counter is not None and counter.error is not None:
-            raise OperationFailed(f"counting rows failed: {first_line(counter.error)}")
+            if counter is not None:
+                counter.join(COUNTER_GRACE_SECONDS)  # its own lock timeout names the table
+                counter.stop()
+            raise _pg_dump_failed(request, process.returncode, stderr_file, counter)
+        if counter is not None:
+            counter.wait()
+            if is_lock_timeout(counter.error):
+                assert counter.error is not None
+                raise lock_timeout_failed(
+                    "counting rows", locked_table(counter.error), request.lock_timeout_ms
+                )
+            if counter.error is not None:
+                raise OperationFailed(f"counting rows failed: {first_line(counter.error)}")
     if directory:
         temp_path.chmod(0o700)
         with (temp_path / "toc.dat").open("rb") as toc:

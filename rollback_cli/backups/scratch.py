@@ -81,6 +81,7 @@ def restored_copy(
     jobs: int = 1,
     purpose: str = "the restore",
     state: DatabaseLevelState | None = None,
+    name: str | None = None,
 ) -> Iterator[ScratchCopy]:
     """Restore ``local`` into a new database ``{db}{mark}{ts}`` made like the live one and
     compare it with the manifest; dropped when the block ends unless
@@ -106,7 +107,7 @@ def restored_copy(
     like = database_properties(admin, target.dbname) if live_exists else None
     acting_role = _acting_role(admin, like, superuser)
     jobs = _bounded_jobs(admin, jobs)
-    scratch = free_derived_name(admin, target.dbname, MARKS[kind])
+    scratch = name or free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
     try:
         with step("restore", scratch_database=scratch):
@@ -239,7 +240,14 @@ def _copy_live_schema(
             f"--file={schema_file}",
         ]
         with child_environment(conninfo) as env:
-            result = subprocess.run(argv, env=env, capture_output=True, check=False, umask=0o077)
+            result = subprocess.run(
+                argv,
+                env=env,
+                pass_fds=env.pass_fds,
+                capture_output=True,
+                check=False,
+                umask=0o077,
+            )
         if result.returncode != 0:
             lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
             reason = redactor.scrub(lines[0]) if lines else f"exit {result.returncode}"

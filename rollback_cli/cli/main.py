@@ -6,8 +6,10 @@ Each command parses its options, makes one call into :mod:`rollback_cli.api` thr
 
 from __future__ import annotations
 
-import re
+import io
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from rollback_cli.cli.backup import backup
 from rollback_cli.cli.checks import cleanup_artifacts_cmd, status, validate_cmd
 from rollback_cli.cli.options import App
 from rollback_cli.cli.rollback import rollback
+from rollback_cli.cli.runner import ARGV_META_KEY
 from rollback_cli.errors import EXIT_CODE_HELP, ExitCode, UsageError
 from rollback_cli.settings import StorageConfig, validate_environment
 
@@ -34,14 +37,45 @@ Legacy flags (the original rollback script's command lines work verbatim):
   --type full --to-revision R --backup-file F = rollback full"""
 
 
-# Click repeats offending values in its messages ("No such command 'postgresql://u:pw@h/db'");
-# scrub URL credentials from them. Kept here, not in log.py, so --help stays light.
-_URL_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*):[^@\s]*@")
+def _redactor(args: list[str]) -> Any:
+    """The one redactor, told the passwords of every URL on the command line and in the
+    settings' environment variables, and the secrets libpq and AWS read from it. Imported
+    here, on the error paths only, so that --help stays light."""
+    from rollback_cli.log import redactor
+
+    for text in args:
+        redactor.add_url_secrets(text)
+    for name, value in os.environ.items():
+        if name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            redactor.add_secret(value)
+        elif name == "DATABASE_URL" or name.startswith(("DB_ROLLBACK_", "AWS_ENDPOINT_URL")):
+            redactor.add_url_secrets(value)
+    return redactor
 
 
-def _scrub_click_error(exc: click.ClickException) -> None:
+def _scrub_click_error(exc: click.ClickException, args: list[str]) -> None:
+    """Click repeats offending values in its messages ("No such command
+    'postgresql://u:pw@h/db'"): scrub them with the one redactor."""
+    redactor = _redactor(args)
     # Click marks message Final, but its show() reads it back: replacing it is the way.
-    exc.message = _URL_CREDENTIALS.sub(r"\g<head>:***@", exc.message)  # type: ignore[misc]
+    exc.message = redactor.scrub(exc.message)  # type: ignore[misc]
+    if isinstance(exc, click.FileError):
+        exc.ui_filename = redactor.scrub(exc.ui_filename)  # type: ignore[misc]
+
+
+def _show_scrubbed(exc: click.ClickException, args: list[str]) -> None:
+    """``exc.show()``, its whole text (usage line included) scrubbed on the way out."""
+    redactor = _redactor(args)
+    buffer = io.StringIO()
+    exc.show(file=buffer)
+    sys.stderr.write(redactor.scrub(buffer.getvalue()))
+    sys.stderr.flush()
+
+
+def _print_scrubbed_traceback() -> None:
+    """An exception that escaped everything else: Python's traceback, scrubbed."""
+    sys.stderr.write(_redactor(sys.argv[1:]).scrub(traceback.format_exc()))
+    sys.stderr.flush()
 
 
 class RootGroup(click.Group):
@@ -61,17 +95,20 @@ class RootGroup(click.Group):
         parent: click.Context | None = None,
         **extra: Any,
     ) -> click.Context:
+        given = list(args)
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.ClickException as exc:
-            _scrub_click_error(exc)
+            _scrub_click_error(exc, given)
             raise
+        ctx.meta[ARGV_META_KEY] = given
+        return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            _scrub_click_error(exc)
+            _scrub_click_error(exc, ctx.meta.get(ARGV_META_KEY, []))
             raise
 
 
@@ -251,8 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("db-rollback: interrupted", err=True)
         sys.exit(int(ExitCode.INTERRUPTED))
     except click.ClickException as exc:
-        exc.show()
+        _show_scrubbed(exc, sys.argv[1:] if argv is None else argv)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception:
+        _print_scrubbed_traceback()
+        sys.exit(int(ExitCode.UNEXPECTED))
     sys.exit(0)

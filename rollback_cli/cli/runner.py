@@ -7,11 +7,14 @@ The core is imported here, when a command runs, and not when the command line is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType, ModuleType
 from typing import Any, Protocol
 
@@ -22,6 +25,8 @@ from rollback_cli.cli.options import App
 from rollback_cli.errors import ExitCode, Interrupted, RollbackError
 
 Renderer = Callable[[dict[str, Any]], None]
+#: ``ctx.meta`` key of the command line's words as given (before Click converts them)
+ARGV_META_KEY = "rollback_cli.argv"
 
 
 class Result(Protocol):
@@ -50,7 +55,11 @@ def run(
     render: Renderer | None = None,
 ) -> ExitCode:
     """``call(api)`` as one logged, audited run; print the result; return the exit code."""
-    from rollback_cli import api, log
+    from rollback_cli import log
+
+    # Before anything can fail or print: every password this run knows of.
+    register_secrets(app, log.redactor)
+    from rollback_cli import api
 
     run_id = log.new_run_id()
     log_file = log.configure(
@@ -79,14 +88,70 @@ def run(
         dry_run=app.dry_run,
     )
     log.shutdown()
-    document = log.redactor.scrub_value(document)
+    redactor = log.redactor
+    document = redactor.scrub_value(document)
     if app.json_output:
-        click.echo(json.dumps(document, indent=2, default=str))
+        # Values are scrubbed above (the JSON text itself is not: a replacement could cut an
+        # escape sequence); what json cannot encode is shown as its scrubbed str().
+        click.echo(json.dumps(document, indent=2, default=lambda o: redactor.scrub(str(o))))
     elif code == ExitCode.OK and render is not None:
-        render(document)
+        with _scrubbed_stdout(redactor):
+            render(document)
     if message is not None:
-        click.echo(f"db-rollback: error: {message}", err=True)
+        click.echo(redactor.scrub(f"db-rollback: error: {message}"), err=True)
     return code
+
+
+def register_secrets(app: App, redactor: Any) -> None:
+    """Hand the redactor every password this run can know before it connects anywhere:
+    the database's (URL or PG* variables, as the target resolves them), the AWS keys in the
+    environment, and the password of every URL-shaped value on the command line (options,
+    arguments, and the process's argv), e.g. ``--storage gs://KEY:SECRET@bucket``."""
+    from rollback_cli.settings import resolve_conninfo
+
+    texts: list[Any] = [
+        app.database_url,
+        app.storage.storage,
+        app.storage.s3_endpoint_url,
+        *sys.argv[1:],
+    ]
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        texts += context.meta.get(ARGV_META_KEY, [])
+    while context is not None:
+        texts += [*context.params.values(), *context.args]
+        context = context.parent
+    for text in _strings(texts):
+        redactor.add_url_secrets(text)
+    for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        redactor.add_secret(os.environ.get(name))
+    # A bad configuration is reported by the run itself (redacted); here it only has no
+    # password to add.
+    with contextlib.suppress(Exception):
+        redactor.add_secret(resolve_conninfo(app.database_url).password)
+
+
+def _strings(values: list[Any]) -> Iterator[str]:
+    for value in values:
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from _strings(list(value))
+        elif value is not None and not isinstance(value, bool | int | float):
+            yield str(value)
+
+
+@contextlib.contextmanager
+def _scrubbed_stdout(redactor: Any) -> Iterator[None]:
+    """What a renderer prints, scrubbed as a whole before it reaches stdout."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue()
+        if text:
+            click.echo(redactor.scrub(text), nl=False)
 
 
 def _call(
@@ -105,7 +170,10 @@ def _call(
         result = call(api).to_document()
         return result, ExitCode.OK, "dry_run" if app.dry_run else "success", None
     except RollbackError as exc:
-        message = exc.one_line()
+        # exc.one_line(), scrubbed before its whitespace is collapsed (a password can hold
+        # runs of spaces, and a collapsed one would no longer match).
+        text = exc.message if not exc.hint else f"{exc.message} ({exc.hint})"
+        message = " ".join(log.redactor.scrub(text).split())
         logger.error(message, exit_code=int(exc.exit_code), outcome=exc.outcome)
         return {}, exc.exit_code, exc.outcome, message
     except KeyboardInterrupt:

@@ -53,7 +53,12 @@ class ClientTools:
 def client_version(pg_dump: Path) -> tuple[int, str] | None:
     try:
         out = subprocess.run(
-            [str(pg_dump), "--version"], capture_output=True, text=True, timeout=20, check=True
+            [str(pg_dump), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+            env=offline_environment(),
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -159,8 +164,9 @@ def child_environment(
     *,
     lock_timeout_ms: int | None = None,
     role: str | None = None,
-) -> Iterator[dict[str, str]]:
-    """An environment for pg_dump/pg_restore/psql connecting to ``dbname``.
+) -> Iterator[ChildEnv]:
+    """An environment for pg_dump/pg_restore/psql connecting to ``dbname``: the minimal
+    environment of :func:`offline_environment` plus the connection settings.
 
     The password goes into a temporary 0600 passfile that is removed afterwards. With
     ``lock_timeout_ms`` every lock wait of the child's session is bounded; with ``role``
@@ -169,8 +175,10 @@ def child_environment(
     # Connection settings come from ``conninfo`` alone (it already holds what the PG*
     # variables supplied); other libpq variables (PGSSLROOTCERT, PGOPTIONS, ...) pass through
     # as they do for our own connections.
-    env = {k: v for k, v in os.environ.items() if k not in _CHILD_OVERRIDDEN}
-    env.pop("DATABASE_URL", None)
+    env = offline_environment()
+    env.update(
+        {k: v for k, v in os.environ.items() if k.startswith("PG") and k not in _CHILD_OVERRIDDEN}
+    )
     env["PGDATABASE"] = dbname or conninfo.dbname
     env["PGAPPNAME"] = run_application_name()
     env["PGCONNECT_TIMEOUT"] = "10"
@@ -199,20 +207,19 @@ def child_environment(
         extra.append(f"-c role={_options_escape(role)}")
     if extra:
         env["PGOPTIONS"] = " ".join([env.get("PGOPTIONS", ""), *extra]).strip()
-    passfile: str | None = None
+    child = ChildEnv(env)
+    secret: _SecretFile | None = None
     if conninfo.password:
-        fd, passfile = tempfile.mkstemp(prefix="db-rollback-", suffix=".pgpass")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(f"*:*:*:*:{_passfile_escape(conninfo.password)}\n")
-        Path(passfile).chmod(0o600)
-        env["PGPASSFILE"] = passfile
+        secret = _SecretFile(f"*:*:*:*:{_passfile_escape(conninfo.password)}\n")
+        child["PGPASSFILE"] = secret.path
+        child.pass_fds = secret.pass_fds
     elif conninfo.passfile:
-        env["PGPASSFILE"] = conninfo.passfile
+        child["PGPASSFILE"] = conninfo.passfile
     try:
-        yield env
+        yield child
     finally:
-        if passfile:
-            Path(passfile).unlink(missing_ok=True)
+        if secret is not None:
+            secret.close()
 
 
 def error_tail(stderr_file: IO[bytes], default: str = "no error output") -> str:
@@ -227,6 +234,58 @@ def error_tail(stderr_file: IO[bytes], default: str = "no error output") -> str:
     return redactor.scrub(errors[0] if errors else default)
 
 
+def dbname_conninfo(dbname: str) -> str:
+    """``dbname='...'``: a database name as a libpq connection string that names only it."""
+    escaped = dbname.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{escaped}'"
+
+
 def offline_environment() -> dict[str, str]:
-    """For a client tool that connects nowhere: no connection settings, password included."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    """The minimal environment every client tool gets: no connection settings, no password,
+    no DATABASE_URL, no cloud credentials: only what a program needs to run (PATH, locale,
+    time zone, home and temp directory)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key in _CHILD_KEEP or key.startswith("LC_")
+    }
+
+
+_CHILD_KEEP = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
+
+
+class ChildEnv(dict[str, str]):
+    """A child's environment, and the descriptors it must inherit (the password file)."""
+
+    pass_fds: tuple[int, ...] = ()
+
+
+class _SecretFile:
+    """The passfile libpq reads. On Linux an anonymous memory file (memfd) that the child
+    inherits and opens as ``/proc/self/fd/N``: it has no name anywhere, so nothing of it is
+    left when the processes holding it end, even under SIGKILL. Elsewhere a 0600 file in a
+    private temp directory, removed afterwards and swept by ``cleanup-artifacts``."""
+
+    def __init__(self, content: str) -> None:
+        data = content.encode("utf-8")
+        self.pass_fds: tuple[int, ...] = ()
+        self._path: Path | None = None
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("db-rollback-pgpass")
+            os.write(fd, data)
+            os.fchmod(fd, 0o600)  # libpq ignores a passfile others may read
+            self.pass_fds = (fd,)
+            self.path = f"/proc/self/fd/{fd}"
+            return
+        handle, name = tempfile.mkstemp(prefix="db-rollback-", suffix=".pgpass")
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        self._path = Path(name)
+        self._path.chmod(0o600)
+        self.path = name
+
+    def close(self) -> None:
+        for fd in self.pass_fds:
+            os.close(fd)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from rollback_cli.postgres.clients import ClientTools, child_environment, error_
 from rollback_cli.postgres.connection import connect, run_application_name
 from rollback_cli.postgres.ddl import set_allow_connections, terminate_backends
 from rollback_cli.postgres.restore import plain_preamble, psql_argv, pump, sql_source
+from rollback_cli.postgres.script_guard import ScriptGuard
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
@@ -83,6 +84,7 @@ class WritersStopped:
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
                 env=env,
+                pass_fds=env.pass_fds,
             )
             assert self.process.stdin is not None
             with step("stop-writers") as details:
@@ -163,7 +165,13 @@ class WritersStopped:
             source, producer = sql_source(
                 self.tools, artifact, fmt, self.no_owner, False, source_err
             )
-            source_code, code = pump(source, producer, self.process, b"COMMIT;\n")
+            source_code, code = pump(
+                source,
+                producer,
+                self.process,
+                b"COMMIT;\n",
+                guard=ScriptGuard(f"backup {artifact.name}"),
+            )
             if source_code != 0:
                 reason = error_tail(source_err, f"exit {source_code}")
                 raise OperationFailed(f"restore into {live} failed: {reason}")

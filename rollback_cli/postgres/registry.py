@@ -35,6 +35,7 @@ SCRATCH = "scratch"  # restored copy a data rollback swaps in
 VERIFY = "verify"  # restored copy of a restore test
 KEPT = "kept"  # the database a swap replaced, kept for `rollback undo`
 INPLACE = "in-place"  # on the live database while an in-place restore refuses connections
+BUSY = "busy"  # on the live database while a swap rollback builds its scratch copy
 SWAPPING = "swapping"
 
 
@@ -50,6 +51,7 @@ class ArtifactRecord:
     live_oid: int | None = None
     replaced_by: int | None = None
     comment: str | None = None
+    intended: str | None = None
     version: int = RECORD_VERSION
 
     def to_comment(self) -> str:
@@ -65,7 +67,13 @@ class ArtifactRecord:
             record = cls(**data)
         except (ValueError, TypeError):
             return None
-        if record.version != RECORD_VERSION or record.kind not in (SCRATCH, VERIFY, KEPT, INPLACE):
+        if record.version != RECORD_VERSION or record.kind not in (
+            SCRATCH,
+            VERIFY,
+            KEPT,
+            INPLACE,
+            BUSY,
+        ):
             return None
         return record
 
@@ -99,6 +107,15 @@ def in_place_record(
     """Put on the live database while an in-place restore keeps connections out; holds the
     database's own comment, put back afterwards (or by the repair of a killed run)."""
     return replace(new_record(conn, INPLACE, of, run_id), comment=comment)
+
+
+def busy_record(
+    conn: PgConnection, of: str, run_id: str, comment: str | None, intended: str
+) -> ArtifactRecord:
+    """Put on the live database before its scratch copy ``intended`` is created: CREATE
+    DATABASE may still complete after the run was killed, and then this record is what
+    proves the copy is ours. Holds the live database's own comment, put back afterwards."""
+    return replace(new_record(conn, BUSY, of, run_id), comment=comment, intended=intended)
 
 
 def kept_record(of: str, run_id: str, replaced_by: int, comment: str | None) -> ArtifactRecord:

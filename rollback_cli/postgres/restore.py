@@ -15,10 +15,12 @@ from rollback_cli.log import get_logger, redactor
 from rollback_cli.postgres.clients import (
     ClientTools,
     child_environment,
+    dbname_conninfo,
     error_tail,
     offline_environment,
 )
 from rollback_cli.postgres.connection import connect, server_major
+from rollback_cli.postgres.script_guard import ScriptGuard
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
@@ -49,7 +51,25 @@ def check_archive_readable(tools: ClientTools, artifact: Path, fmt: str) -> int:
                 hint="install a newer PostgreSQL client or pass --pg-bin-dir",
             )
         raise BackupError(f"pg_restore cannot read {artifact.name}: {reason}")
+    _check_archive_sql(tools, artifact)
     return sum(1 for line in result.stdout.splitlines() if line and not line.startswith(b";"))
+
+
+def _check_archive_sql(tools: ClientTools, artifact: Path) -> None:
+    """The SQL of the archive's table of contents (its schema part: no data pass), checked
+    by the guard: what would reach psql on an in-place or newer-client restore."""
+    with tempfile.TemporaryFile() as stderr:
+        source, producer = sql_source(
+            tools, artifact, "custom", False, False, stderr, schema_only=True
+        )
+        assert producer is not None
+        try:
+            with source:
+                ScriptGuard(f"backup {artifact.name}").check_all(source)
+        finally:
+            if producer.poll() is None:
+                producer.kill()
+            producer.wait()
 
 
 def psql_argv(
@@ -75,6 +95,8 @@ def _check_plain(artifact: Path) -> int:
         raise BackupError(f"{artifact.name} is not a plain pg_dump script (header missing)")
     if PLAIN_TRAILER not in tail:
         raise BackupError(f"{artifact.name} is truncated: the dump's completion trailer is missing")
+    with artifact.open("rb") as handle:
+        ScriptGuard(f"backup {artifact.name}").check_all(handle)
     return 0
 
 
@@ -101,7 +123,10 @@ def restore_into(
     ``preamble`` (plain format only) is an SQL file run first, in the same transaction.
     """
     logger = get_logger()
-    if (
+    # psql runs what it reads, so a plain script (or a newer client's SQL for an older
+    # server) reaches it only through the guard; pg_restore --dbname sends its SQL to the
+    # server itself, where a backslash is only a syntax error.
+    if fmt == "plain" or (
         tools.major >= NEWER_SESSION_SETTINGS
         and (server_major_version or _server_major(conninfo)) < NEWER_SESSION_SETTINGS
     ):
@@ -143,7 +168,12 @@ def restore_into(
         tempfile.TemporaryFile() as stderr_file,
     ):
         result = subprocess.run(
-            argv, stdout=subprocess.DEVNULL, stderr=stderr_file, env=env, check=False
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            env=env,
+            pass_fds=env.pass_fds,
+            check=False,
         )
         if result.returncode != 0:
             reason = error_tail(stderr_file, f"exit {result.returncode}")
@@ -164,7 +194,14 @@ def _restore_argv(
 ) -> list[str]:
     if fmt == "plain":
         return psql_argv(tools, preamble, str(artifact), single_transaction=single_transaction)
-    argv = [tools.pg_restore, "--no-password", "--exit-on-error", f"--dbname={dbname}"]
+    # A conninfo with the name as a quoted value: libpq expands a bare --dbname holding "="
+    # as a connection string ("host=elsewhere dbname=x" would connect elsewhere).
+    argv = [
+        tools.pg_restore,
+        "--no-password",
+        "--exit-on-error",
+        f"--dbname={dbname_conninfo(dbname)}",
+    ]
     argv += _pg_restore_options(no_owner=no_owner, clean=clean)
     if single_transaction:
         argv.append("--single-transaction")
@@ -205,9 +242,10 @@ def _restore_filtered(
     role: str | None,
     lock_timeout_ms: int | None,
 ) -> None:
-    """A newer client's output into an older server: SQL text, filtered, into psql."""
+    """SQL text (a plain script, or pg_restore's script of an archive) into psql, every line
+    checked by the guard, and without the lines an older server rejects."""
     get_logger().info(
-        "restoring through psql (client newer than the server)",
+        "restoring through psql",
         database=dbname,
         client_major=tools.major,
         single_transaction=single_transaction,
@@ -220,9 +258,16 @@ def _restore_filtered(
     ):
         source, producer = sql_source(tools, artifact, fmt, no_owner, clean, source_err)
         consumer = subprocess.Popen(
-            psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_err, env=env
+            psql,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=psql_err,
+            env=env,
+            pass_fds=env.pass_fds,
         )
-        source_code, code = pump(source, producer, consumer)
+        source_code, code = pump(
+            source, producer, consumer, guard=ScriptGuard(f"backup {artifact.name}")
+        )
         if source_code != 0:
             reason = error_tail(source_err, f"exit {source_code}")
             raise OperationFailed(f"restore into {dbname} failed: {reason}")
@@ -238,6 +283,8 @@ def sql_source(
     no_owner: bool,
     clean: bool,
     stderr: IO[bytes],
+    *,
+    schema_only: bool = False,
 ) -> tuple[IO[bytes], subprocess.Popen[bytes] | None]:
     """The archive as SQL text: a plain file itself, or pg_restore's script (offline)."""
     if fmt == "plain":
@@ -246,6 +293,7 @@ def sql_source(
         tools.pg_restore,
         "--file=-",
         *_pg_restore_options(no_owner=no_owner, clean=clean),
+        *(["--schema-only"] if schema_only else []),
         str(artifact),
     ]
     producer = subprocess.Popen(
@@ -260,9 +308,12 @@ def pump(
     producer: subprocess.Popen[bytes] | None,
     consumer: subprocess.Popen[bytes],
     trailer: bytes = b"",
+    *,
+    guard: ScriptGuard,
 ) -> tuple[int, int]:
-    """Feed ``source`` to psql without the lines older servers reject; return the exit
-    codes of the producer (0 for a file) and of psql.
+    """Feed ``source`` to psql, each line checked by ``guard`` before psql sees it, without
+    the lines older servers reject; return the exit codes of the producer (0 for a file)
+    and of psql. UnsafeScript (exit 4) stops it before the offending line.
 
     psql commits its single transaction when its input ends, so it may only see the end of
     input once the whole source was read without error; any other way out kills it first
@@ -273,7 +324,7 @@ def pump(
     complete = False
     try:
         with source:
-            for line in source:
+            for line in guard.filtered(source):
                 if line.rstrip(b"\n") in _UNKNOWN_TO_OLDER_SERVERS:
                     continue
                 consumer.stdin.write(line)

@@ -40,6 +40,7 @@ from rollback_cli.postgres.catalog import (
 )
 from rollback_cli.postgres.connection import database_error, first_line, set_lock_timeout
 from rollback_cli.postgres.ddl import (
+    drop_database,
     execute,
     rename_database,
     set_allow_connections,
@@ -178,8 +179,10 @@ def swap_databases(
                 f"swap failed before it completed and was undone: {exc}"
             ) from None
         try:
-            set_comment(conn, live, state.comment)
+            # Connections first: until the comment replaces the swapping record, a run
+            # killed here is finished by the repair, which finds that record.
             set_allow_connections(conn, live, True)
+            set_comment(conn, live, state.comment)
         except Exception as exc:
             raise ManualAttention(
                 f"the backup is in place as {live} (the old database is kept as {kept_name}) "
@@ -260,11 +263,19 @@ def repair_interrupted_swaps(conn: PgConnection, live: str) -> list[str]:
             continue
         if record.state == registry.SWAPPING:
             done += _repair_one(conn, live, artifact)
+        elif record.kind == registry.BUSY and artifact.name == live:
+            set_comment(conn, live, record.comment)
+            done.append(f"{live} has its own comment back (a rollback was killed)")
+            if record.intended and _unclaimed(conn, record.intended):
+                drop_database(conn, record.intended)
+                done.append(f"dropped {record.intended}, created by the killed rollback")
         elif record.kind == registry.INPLACE and artifact.name == live:
             # An in-place restore was killed: its transaction was rolled back by the server.
             set_comment(conn, live, record.comment)
             set_allow_connections(conn, live, True)
             done.append(f"{live} accepts connections again (an in-place restore was killed)")
+    if allows_connections(conn, live) is False and not done:
+        done += _finish_after_renames(conn, live)
     if allows_connections(conn, live) is False and not done:
         get_logger().warning(
             "the live database refuses connections and no interrupted swap of ours explains "
@@ -272,6 +283,26 @@ def repair_interrupted_swaps(conn: PgConnection, live: str) -> list[str]:
             database=live,
         )
     return done
+
+
+def _unclaimed(conn: PgConnection, name: str) -> bool:
+    """A database that exists without any record: created by a run killed before it could
+    write one (a copy with a scratch record is a stray copy, which cleanup drops itself)."""
+    return database_oid(conn, name) is not None and _record_of(conn, name) is None
+
+
+def _finish_after_renames(conn: PgConnection, live: str) -> list[str]:
+    """The live database refuses connections and the last kept database of ``live`` says
+    it was replaced by it: a swap was killed after its renames. Finish it."""
+    live_oid = database_oid(conn, live)
+    for artifact in registry.artifacts_of(conn, live, registry.KEPT):
+        if artifact.record.replaced_by == live_oid and live_oid is not None:
+            set_allow_connections(conn, live, True)
+            set_comment(conn, live, artifact.record.comment)
+            with suppress(Exception):
+                set_allow_connections(conn, artifact.name, True)
+            return [f"finished an interrupted swap: {live} accepts connections again"]
+    return []
 
 
 def _repair_one(conn: PgConnection, live: str, artifact: registry.Artifact) -> list[str]:

@@ -14,7 +14,13 @@ from rollback_cli.checks import Check
 from rollback_cli.errors import ManualAttention, OperationFailed, Refused
 from rollback_cli.log import step
 from rollback_cli.postgres import registry
-from rollback_cli.postgres.catalog import database_properties, is_member_of, read_database_state
+from rollback_cli.postgres.catalog import (
+    DatabaseLevelState,
+    database_oid,
+    database_properties,
+    is_member_of,
+    read_database_state,
+)
 from rollback_cli.postgres.connection import current_run_id, maintenance_connection
 from rollback_cli.postgres.ddl import set_comment
 from rollback_cli.postgres.inplace import WritersStopped
@@ -210,45 +216,67 @@ def swap_in_restored_copy(
     admin = maintenance_connection(ctx.target.conninfo)
     try:
         state = read_database_state(admin, db)
-        with restored_copy(
-            admin,
-            ctx.target,
-            backup.tools,
-            backup.local,
-            backup.manifest,
-            registry.SCRATCH,
-            jobs=ctx.options.jobs,
-            state=state,
-        ) as copy:
-            if copy.no_owner:
-                result.warnings.append("restored with --no-owner: the role is not superuser")
-            mismatches = copy.comparison["mismatches"]
-            if mismatches:
-                raise OperationFailed(
-                    "restored copy does not match the manifest: "
-                    + "; ".join(mismatches[:5])
-                    + "; live database unchanged"
-                )
-            result.validation.append(
-                Check.of(
-                    "row counts",
-                    True,
-                    f"{copy.comparison['tables']} tables match the manifest "
-                    "(the restored copy, before the swap)",
-                )
-            )
-            swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
-            with step("swap") as details:
-                result.unavailable_ms = swap_databases(
-                    admin, swap, state, copy.record, current_run_id()
-                )
-                details.update(
-                    unavailable_ms=round(result.unavailable_ms, 1), kept_as=swap.kept_name
-                )
-            copy.keep()
-        result.kept_database = swap.kept_name
+        original_oid = database_oid(admin, db)
+        scratch = free_derived_name(admin, db, SCRATCH_MARK)
+        # The live database says which scratch copy this run makes before it exists: a
+        # CREATE DATABASE that completes after a kill still leaves a provably ours copy.
+        registry.write(
+            admin, db, registry.busy_record(admin, db, current_run_id(), state.comment, scratch)
+        )
+        try:
+            _restore_and_swap(ctx, backup, result, admin, state, scratch)
+        finally:
+            if database_oid(admin, db) == original_oid:  # not swapped: still the original
+                set_comment(admin, db, state.comment)
     finally:
         admin.close()
+
+
+def _restore_and_swap(
+    ctx: RollbackContext,
+    backup: VerifiedBackup,
+    result: RollbackResult,
+    admin: PgConnection,
+    state: DatabaseLevelState,
+    scratch: str,
+) -> None:
+    db = ctx.inspection.dbname
+    with restored_copy(
+        admin,
+        ctx.target,
+        backup.tools,
+        backup.local,
+        backup.manifest,
+        registry.SCRATCH,
+        jobs=ctx.options.jobs,
+        state=state,
+        name=scratch,
+    ) as copy:
+        if copy.no_owner:
+            result.warnings.append("restored with --no-owner: the role is not superuser")
+        mismatches = copy.comparison["mismatches"]
+        if mismatches:
+            raise OperationFailed(
+                "restored copy does not match the manifest: "
+                + "; ".join(mismatches[:5])
+                + "; live database unchanged"
+            )
+        result.validation.append(
+            Check.of(
+                "row counts",
+                True,
+                f"{copy.comparison['tables']} tables match the manifest "
+                "(the restored copy, before the swap)",
+            )
+        )
+        swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
+        with step("swap") as details:
+            result.unavailable_ms = swap_databases(
+                admin, swap, state, copy.record, current_run_id()
+            )
+            details.update(unavailable_ms=round(result.unavailable_ms, 1), kept_as=swap.kept_name)
+        copy.keep()
+    result.kept_database = swap.kept_name
 
 
 def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult) -> None:

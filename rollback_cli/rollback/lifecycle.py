@@ -271,7 +271,11 @@ def take_safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
             result.safety_backup = create_backup(
                 ctx.target,
                 storage,
-                BackupRequest(label=f"safety backup before {result.kind} rollback", kind="safety"),
+                BackupRequest(
+                    label=f"safety backup before {result.kind} rollback",
+                    kind="safety",
+                    lock_timeout_ms=ctx.options.timeouts.lock_timeout_ms,
+                ),
                 keep_local=ctx.storage.keep_local,
             )
         finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from rollback_cli.errors import UsageError
 from rollback_cli.storage.base import Storage, StoredObject
@@ -34,7 +34,7 @@ def open_storage(config: StorageConfig, environment: str) -> Storage:
     target = config.storage
     if not target:
         return LocalStorage(config.backup_dir)
-    parts = urlsplit(target)
+    parts = _split(target)
     if parts.scheme == "file":
         return LocalStorage(Path(unquote(parts.path)))
     if parts.scheme == "s3":
@@ -53,7 +53,7 @@ def open_uri(config: StorageConfig, environment: str, uri: str) -> tuple[Storage
     endpoint, region and encryption settings of ``config``; the environment is not
     appended, since the URI already names the object. The caller closes the storage.
     """
-    parts = urlsplit(uri)
+    parts = _split(uri)
     if parts.scheme not in REMOTE_SCHEMES or not parts.netloc:
         raise UsageError(f"{uri!r} is not a storage URI such as s3://bucket/prefix/backup")
     path = unquote(parts.path).strip("/")
@@ -65,6 +65,14 @@ def open_uri(config: StorageConfig, environment: str, uri: str) -> tuple[Storage
     )
     storage.staging = config.backup_dir
     return storage, key
+
+
+def _split(uri: str) -> SplitResult:
+    try:
+        return urlsplit(uri)
+    except ValueError:
+        # urllib's message may repeat the URI, which may hold a credential: name no part.
+        raise UsageError("storage location is not a valid URI (malformed host part)") from None
 
 
 def staging_dir(storage: Storage) -> Path:

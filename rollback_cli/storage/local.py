@@ -10,7 +10,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from rollback_cli.errors import BackupError, ConfigError
-from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path
+from rollback_cli.files import (
+    TEMP_PREFIX,
+    ensure_private_dir,
+    no_writers_in,
+    remove_path,
+    writing_in,
+)
 from rollback_cli.log import get_logger
 from rollback_cli.storage.base import Storage, StoredObject, sha256_artifact, tree_size
 
@@ -70,6 +76,12 @@ class LocalStorage(Storage):
             return
         ensure_private_dir(self.root)
         temp = destination.with_name(f"{TEMP_PREFIX}{destination.name}")
+        with writing_in(self.root):
+            self._copy_checked(source, temp, destination, sha256)
+
+    def _copy_checked(
+        self, source: Path, temp: Path, destination: Path, sha256: str | None
+    ) -> None:
         try:
             if source.is_dir():
                 shutil.copytree(source, temp)
@@ -108,6 +120,10 @@ class LocalStorage(Storage):
     def write_text(self, key: str, text: str) -> None:
         destination = self._path(key)
         ensure_private_dir(destination.parent)
+        with writing_in(destination.parent):
+            self._write_atomically(destination, text)
+
+    def _write_atomically(self, destination: Path, text: str) -> None:
         fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=destination.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -127,13 +143,18 @@ class LocalStorage(Storage):
         return self._path(key)
 
     def cleanup_incomplete(self, older_than_seconds: float, *, dry_run: bool = False) -> list[str]:
+        """Temp files of interrupted writes: all of them when no run is writing here (a
+        killed run's are removed at once), else only those older than the cutoff."""
         if not self.root.is_dir():
             return []
         removed = []
         cutoff = time.time() - older_than_seconds
-        for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith(TEMP_PREFIX) and entry.lstat().st_mtime < cutoff:
-                if not dry_run:
-                    remove_path(entry)
-                removed.append(entry.name)
+        with no_writers_in(self.root) as idle:
+            for entry in sorted(self.root.iterdir()):
+                if not entry.name.startswith(TEMP_PREFIX):
+                    continue
+                if idle or entry.lstat().st_mtime < cutoff:
+                    if not dry_run:
+                        remove_path(entry)
+                    removed.append(entry.name)
         return removed

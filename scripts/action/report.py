@@ -4,6 +4,11 @@ Called by run.sh after the CLI has exited:
 
     python3 report.py RESULT_JSON EXIT_CODE
 
+and before it runs, for the secrets to mask and the command line to show:
+
+    python3 report.py --secrets
+    python3 report.py --scrub-words WORD...
+
 Environment:
     GITHUB_OUTPUT, GITHUB_STEP_SUMMARY   files to append to (skipped when unset)
     ACTION_COMMAND                       the action's command input (backup, rollback, ...)
@@ -12,7 +17,9 @@ Environment:
     ACTION_CONTAINER_DIR                 where that directory is mounted in the container
                                          (docker runtime only)
     ACTION_ARTIFACT_NAME                 artifact name chosen by the user, if any
-    DATABASE_URL, PGPASSWORD             scrubbed from everything written
+    DATABASE_URL, PGPASSWORD, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, and the passwords of
+    URLs in DB_ROLLBACK_STORAGE, AWS_ENDPOINT_URL and the INPUT_* values (storage,
+    backup-file, extra-args)             scrubbed from everything written
 
 Annotations (``::error::``, ``::notice::``) go to stdout, where the runner reads them.
 Only the standard library: this runs on the runner's python3, before or without db-rollback.
@@ -23,11 +30,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 OUTCOMES_OK = {"success", "dry_run"}
 EXIT_MEANING = {
@@ -46,30 +54,108 @@ CREATES_BACKUP = {"backup", "rollback"}
 MAX_TABLE_ROWS = 50
 
 
-def find_secrets() -> list[str]:
+# The same rules as rollback_cli.log.Redactor (this file runs on the runner's python3, where
+# db-rollback may not be installed, so it cannot import it): exact known secrets first, in
+# every spelling, longest first in one pass; then the patterns (URL user-info, key=value).
+# tests/test_adversarial_redaction.py holds both to the same property.
+REDACTED = "***"
+MIN_SECRET = 3
+SECRET_VARIABLES = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Values that may be URLs with credentials in them (their passwords are secrets too).
+URL_VARIABLES = (
+    "DATABASE_URL",
+    "INPUT_DATABASE_URL",
+    "DB_ROLLBACK_STORAGE",
+    "INPUT_STORAGE",
+    "INPUT_BACKUP_FILE",
+    "AWS_ENDPOINT_URL",
+    "INPUT_S3_ENDPOINT_URL",
+)
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_URL_CREDENTIALS = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/:@\s]*):(?P<pw>[^\s/]*)@"
+)
+_URL_TOKEN = re.compile(
+    r"(?P<scheme>(?<![A-Za-z0-9+.-])(?!(?i:postgres(?:ql)?(?:\+[a-z0-9]+)?)://)"
+    r"[A-Za-z][A-Za-z0-9+.-]*://)"
+    r"(?P<token>[^/:@\s]+)@"
+)
+_KV_PASSWORD = re.compile(
+    r"""(?P<key>\b(?:password|passwd|pgpassword|aws_secret_access_key|aws_session_token)"""
+    r"""\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+)""",
+    re.IGNORECASE,
+)
+
+
+def secret_forms(secret: str) -> set[str]:
+    escaped = secret.replace("\\", "\\\\")  # inside a repr() of a longer string
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret, safe=""),
+        " ".join(secret.split()),
+        repr(secret)[1:-1],
+        escaped,
+        escaped.replace("'", "\\'"),
+        escaped.replace('"', '\\"'),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    return {form for form in forms if len(form) >= MIN_SECRET}
+
+
+def url_passwords(text: str) -> list[str]:
+    """The password of every URL in one value, raw and percent-decoded; a password may hold
+    a raw "@", "/", "?", "#" or ":", so every "@" after the user name ends a candidate."""
     found: list[str] = []
-    url = os.environ.get("DATABASE_URL", "")
-    if url:
-        found.append(url)
-        try:
-            password = urlsplit(url.strip()).password
-        except ValueError:
-            password = None
-        if password:
-            found += [password, unquote(password)]
-    if os.environ.get("PGPASSWORD"):
-        found.append(os.environ["PGPASSWORD"])
+    for match in _URL_START.finditer(text):
+        scheme = match.group().removesuffix("://").partition("+")[0].lower()
+        rest = text[match.end() :]
+        user, colon, after = rest.partition(":")
+        candidates: list[str] = []
+        if colon and not any(c in user for c in "/@?#"):
+            candidates = [after[:at] for at, char in enumerate(after) if char == "@"]
+        elif scheme not in ("postgres", "postgresql"):
+            host_part = re.split(r"[/?#\s]", rest, maxsplit=1)[0]
+            if "@" in host_part:
+                candidates = [host_part.rpartition("@")[0]]
+        for candidate in candidates:
+            found += [candidate, unquote(candidate)]
+    return [value for value in dict.fromkeys(found) if len(value) >= MIN_SECRET]
+
+
+def extra_words() -> list[str]:
+    text = os.environ.get("INPUT_EXTRA_ARGS", "")
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return text.split()
+
+
+def find_secrets(*values: str) -> list[str]:
+    """Every secret the action knows of (and those in ``values``), longest first."""
+    found: list[str] = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    for text in [*(os.environ.get(name, "") for name in URL_VARIABLES), *extra_words(), *values]:
+        if "://" in text:
+            found += url_passwords(text)
+    if os.environ.get("DATABASE_URL"):
+        found.append(os.environ["DATABASE_URL"])
+    forms = set().union(*(secret_forms(s) for s in found if len(s) >= MIN_SECRET))
     # Longest first, so a URL is replaced whole before its password is.
-    return sorted({s for s in found if s}, key=len, reverse=True)
+    return sorted(forms, key=lambda form: (-len(form), form))
 
 
 SECRETS = find_secrets()
 
 
-def scrub(text: str) -> str:
-    for secret in SECRETS:
-        text = text.replace(secret, "***")
-    return text
+def scrub(text: str, secrets: list[str] | None = None) -> str:
+    secrets = SECRETS if secrets is None else secrets
+    if secrets:
+        text = re.sub("|".join(map(re.escape, secrets)), REDACTED, text)
+    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    text = _URL_TOKEN.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _KV_PASSWORD.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
 
 def host_path(path: str) -> str:
@@ -329,6 +415,16 @@ def annotation(doc: dict[str, Any], exit_code: int) -> str | None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[1:2] == ["--secrets"]:
+        # For run.sh's ::add-mask:: lines: one secret spelling a line.
+        sys.stdout.write("".join(f"{s}\n" for s in SECRETS if "\n" not in s and "\r" not in s))
+        return 0
+    if argv[1:2] == ["--scrub-words"]:
+        # The command line to show, each word scrubbed (NUL-separated, for run.sh's %q).
+        words = argv[2:]
+        secrets = find_secrets(*words)
+        sys.stdout.write("".join(scrub(word, secrets) + "\0" for word in words))
+        return 0
     if len(argv) != 3 or not argv[2].lstrip("-").isdigit():
         sys.stderr.write("usage: report.py RESULT_JSON EXIT_CODE\n")
         return 2

@@ -48,35 +48,27 @@ boolean_input() {
 }
 
 # ------------------------------------------------------------------------------ credentials
-# Mask before anything else can print them. The URL's password is masked on its own as well
-# (raw and percent-decoded), since tools may print a URL rebuilt without its other parts.
+# Mask before anything else can print them: the URL whole, then every spelling (raw,
+# percent-encoded, percent-decoded) of each password report.py finds: the database URL's,
+# PGPASSWORD, the AWS keys, and that of any URL in the storage, endpoint, backup-file and
+# extra-args inputs (tools may print a URL rebuilt without its other parts).
 if [[ -n ${INPUT_DATABASE_URL:-} ]]; then
     export DATABASE_URL=$INPUT_DATABASE_URL
 fi
 mask() {
-    local value=$1
-    [[ -z $value || $value == *$'\n'* ]] && return 0
-    echo "::add-mask::$value"
+    local value=$1 escaped
+    [[ -z $value ]] && return 0
+    # The runner unescapes a command's data (%25, %0D, %0A): escape it so that it masks
+    # this exact value; the raw line stays for values with nothing to escape.
+    escaped=$(annotation_escape "$value")
+    [[ $value != *$'\n'* && $value != *$'\r'* ]] && echo "::add-mask::$value"
+    [[ $escaped != "$value" ]] && echo "::add-mask::$escaped"
+    return 0
 }
-if [[ -n ${DATABASE_URL:-} ]]; then
-    mask "$DATABASE_URL"
-    while IFS= read -r secret; do
-        mask "$secret"
-    done < <(python3 - <<'EOF'
-import os
-from urllib.parse import unquote, urlsplit
-
-try:
-    password = urlsplit(os.environ["DATABASE_URL"].strip()).password
-except ValueError:
-    password = None
-if password:
-    print(password)
-    if unquote(password) != password:
-        print(unquote(password))
-EOF
-    )
-fi
+[[ -n ${DATABASE_URL:-} ]] && mask "$DATABASE_URL"
+while IFS= read -r secret; do
+    mask "$secret"
+done < <(python3 "$here/report.py" --secrets || true)
 [[ -n ${PGPASSWORD:-} ]] && mask "$PGPASSWORD"
 for name in AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN; do
     [[ -n ${!name:-} ]] && mask "${!name}"
@@ -261,7 +253,12 @@ esac
 
 export ACTION_COMMAND=$command ACTION_HOST_DIR=$host_dir
 export ACTION_ARTIFACT_NAME=${INPUT_ARTIFACT_NAME:-}
-printf -v shown '%q ' "${argv[@]}"
+# The command line to show, each word scrubbed of credentials before it is shell-quoted
+# (once quoted, a password's spelling changes and no mask would match it).
+shown_words=()
+mapfile -d '' -t shown_words < <(python3 "$here/report.py" --scrub-words "${argv[@]}" || true)
+[[ ${#shown_words[@]} -eq ${#argv[@]} ]] || shown_words=("${argv[@]//*:\/\/*/***}")
+printf -v shown '%q ' "${shown_words[@]}"
 export ACTION_CLI_COMMAND="db-rollback ${shown% }"
 echo "$ACTION_CLI_COMMAND  (environment $environment, runtime $runtime, in $host_dir)"
 
