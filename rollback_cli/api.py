@@ -108,7 +108,12 @@ def backup_create(
             return BackupCreated(plan=plan_backup(target, store, request))
         return BackupCreated(
             backup=create_backup(
-                target, store, request, keep_local=storage.keep_local, progress=progress
+                target,
+                store,
+                request,
+                keep_local=storage.keep_local,
+                progress=progress,
+                signing=storage.signing,
             )
         )
     finally:

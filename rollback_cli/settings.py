@@ -251,6 +251,62 @@ class Target:
         return self.environment in protected_environments()
 
 
+SIGNING_KEY_VAR = "DB_ROLLBACK_SIGNING_KEY"
+SIGNING_KEY_FILE_VAR = "DB_ROLLBACK_SIGNING_KEY_FILE"
+PREVIOUS_KEYS_VAR = "DB_ROLLBACK_PREVIOUS_SIGNING_KEYS"
+MIN_KEY_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class SigningKeys:
+    """Keys that authenticate backups (HMAC-SHA256). The first signs new manifests; every
+    one is accepted when verifying, so a key can be rotated: sign with the new one, keep the
+    old one among the previous keys until its backups have expired.
+
+    Keys come only from the environment (never a flag): ``DB_ROLLBACK_SIGNING_KEY``, or
+    ``DB_ROLLBACK_SIGNING_KEY_FILE`` (one key per line, the first signs), plus
+    ``DB_ROLLBACK_PREVIOUS_SIGNING_KEYS`` (comma-separated, verify only).
+    """
+
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    source: str = "none"
+
+    @classmethod
+    def from_environment(
+        cls, environ: dict[str, str] | os._Environ[str] | None = None
+    ) -> SigningKeys:
+        environ = os.environ if environ is None else environ
+        keys: list[str] = []
+        sources: list[str] = []
+        if environ.get(SIGNING_KEY_VAR):
+            keys.append(environ[SIGNING_KEY_VAR].strip())
+            sources.append(SIGNING_KEY_VAR)
+        key_file = environ.get(SIGNING_KEY_FILE_VAR)
+        if key_file:
+            try:
+                lines = Path(key_file).read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {SIGNING_KEY_FILE_VAR}: {exc.strerror}") from None
+            keys += [line.strip() for line in lines if line.strip()]
+            sources.append(SIGNING_KEY_FILE_VAR)
+        previous = environ.get(PREVIOUS_KEYS_VAR, "")
+        keys += [key.strip() for key in previous.split(",") if key.strip()]
+        short = [key for key in keys if len(key) < MIN_KEY_LENGTH]
+        if short:
+            raise ConfigError(
+                f"a signing key is shorter than {MIN_KEY_LENGTH} characters; use a random "
+                "key of 32 or more (for example: openssl rand -hex 32)"
+            )
+        return cls(tuple(keys), ", ".join(sources) or "none")
+
+    @property
+    def active(self) -> str | None:
+        return self.keys[0] if self.keys else None
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """Where backups are kept: a local directory, or a remote storage staged through it."""
@@ -263,6 +319,8 @@ class StorageConfig:
     s3_kms_key_id: str | None = None
     s3_storage_class: str | None = None
     keep_local: bool = False
+    #: keys that sign new manifests and authenticate stored ones (empty: not configured)
+    signing: SigningKeys = field(default_factory=SigningKeys, repr=False)
 
     @property
     def display(self) -> str:

@@ -27,10 +27,10 @@ from rollback_cli.backups.dump import (
     pg_dump_argv,
     run_pg_dump,
 )
-from rollback_cli.backups.manifest import FORMAT_EXTENSIONS, Manifest, manifest_key
+from rollback_cli.backups.manifest import FORMAT_EXTENSIONS, Manifest, manifest_key, sign
 from rollback_cli.errors import ConfigError, OperationFailed
 from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path, writing_in
-from rollback_cli.log import get_logger, step
+from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.postgres.catalog import alembic_revisions
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import (
@@ -43,7 +43,7 @@ from rollback_cli.postgres.connection import (
 from rollback_cli.storage import Storage, staging_dir
 
 if TYPE_CHECKING:
-    from rollback_cli.settings import Target
+    from rollback_cli.settings import SigningKeys, Target
 
 __all__ = ["BackupRequest", "BackupResult", "create_backup", "plan_backup"]
 
@@ -107,8 +107,10 @@ def create_backup(
     *,
     keep_local: bool = False,
     progress: ProgressCallback | None = None,
+    signing: SigningKeys | None = None,
 ) -> BackupResult:
-    """Dump ``target`` and store it in ``storage`` with its manifest.
+    """Dump ``target`` and store it in ``storage`` with its manifest (signed with the active
+    key of ``signing`` when one is configured).
 
     Every table lock (pg_dump's and the row counts') is waited for at most
     ``request.lock_timeout_ms``; reaching it is an OperationFailed naming the table.
@@ -118,7 +120,9 @@ def create_backup(
     ensure_private_dir(staging)
     # Cleanup removes this run's temp files at once if it dies, never while it runs.
     with writing_in(staging):
-        return _create_backup(target, storage, request, keep_local=keep_local, progress=progress)
+        return _create_backup(
+            target, storage, request, keep_local=keep_local, progress=progress, signing=signing
+        )
 
 
 def _create_backup(
@@ -128,6 +132,7 @@ def _create_backup(
     *,
     keep_local: bool,
     progress: ProgressCallback | None,
+    signing: SigningKeys | None,
 ) -> BackupResult:
     log = get_logger()
     with step("connect"):
@@ -182,6 +187,9 @@ def _create_backup(
             snapshot=snapshot,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+        if signing is not None and signing.active is not None:
+            redactor.add_secret(signing.active)
+            manifest = sign(manifest, signing.active)
         local_path = _store(storage, final_path, manifest, keep_local=keep_local)
         log.info(
             "backup created",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,6 +42,8 @@ class Manifest:
     snapshot: str | None = None
     duration_ms: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: "hmac-sha256:<key id>:<hex>" over every other field (the backup's sha256 included)
+    signature: str | None = None
 
     @property
     def alembic_revision(self) -> str | None:
@@ -101,6 +105,8 @@ class Manifest:
                 raise BackupError(f"manifest {source} has an invalid {name}")
         if values["type"] not in BACKUP_TYPES or values["format"] not in BACKUP_FORMATS:
             raise BackupError(f"manifest {source} has an unknown type or format")
+        if values.get("signature") is not None and not isinstance(values["signature"], str):
+            raise BackupError(f"manifest {source} has an invalid signature")
         if len(values["sha256"]) != 64:
             raise BackupError(f"manifest {source} has an invalid sha256")
         try:
@@ -108,6 +114,57 @@ class Manifest:
         except ValueError:
             raise BackupError(f"manifest {source} has an invalid created_at") from None
         return cls(**values)
+
+
+SIGNATURE_ALGORITHM = "hmac-sha256"
+
+
+def _payload(manifest: Manifest) -> bytes:
+    data = asdict(manifest)
+    data.pop("signature", None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def key_id(key: str) -> str:
+    """A short public name of a key (never the key): the start of its SHA-256."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+
+
+def _mac(manifest: Manifest, key: str) -> str:
+    return hmac.new(key.encode("utf-8"), _payload(manifest), hashlib.sha256).hexdigest()
+
+
+def sign(manifest: Manifest, key: str) -> Manifest:
+    """``manifest`` with a signature over all its other fields by ``key``."""
+    unsigned = replace(manifest, signature=None)
+    return replace(unsigned, signature=f"{SIGNATURE_ALGORITHM}:{key_id(key)}:{_mac(unsigned, key)}")
+
+
+def check_signature(manifest: Manifest, keys: tuple[str, ...], source: str) -> str:
+    """With keys configured, the manifest must be signed by one of them: BackupError (exit
+    4) otherwise, saying which. Returns what was checked, for the verify report."""
+    if not keys:
+        if manifest.signature:
+            return "signed, not checked: no signing key configured"
+        return "unsigned; no signing key configured"
+    if not manifest.signature:
+        raise BackupError(
+            f"backup {manifest.file_name} is not signed, and a signing key is configured "
+            f"({source}): refused; anyone who can write the storage could have made it"
+        )
+    algorithm, _, rest = manifest.signature.partition(":")
+    signer, _, value = rest.partition(":")
+    if algorithm != SIGNATURE_ALGORITHM:
+        raise BackupError(
+            f"backup {manifest.file_name} has an unknown signature type {algorithm!r}"
+        )
+    for key in keys:
+        if hmac.compare_digest(_mac(manifest, key), value):
+            return f"signed by key {key_id(key)}"
+    raise BackupError(
+        f"backup {manifest.file_name} has a signature (key {signer[:8]}) that no configured "
+        "key verifies: it was altered or signed elsewhere; refused"
+    )
 
 
 def manifest_key(backup_key: str) -> str:

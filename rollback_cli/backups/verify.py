@@ -13,15 +13,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.backups.catalog import fetched, locate, read_manifest
-from rollback_cli.backups.manifest import Manifest, backup_key_for_manifest, is_manifest_key
+from rollback_cli.backups.manifest import (
+    Manifest,
+    backup_key_for_manifest,
+    check_signature,
+    is_manifest_key,
+)
 from rollback_cli.backups.scratch import RestoreFailed, restored_copy
 from rollback_cli.checks import Check
 from rollback_cli.errors import BackupError
-from rollback_cli.log import get_logger, step
+from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import maintenance_connection
 from rollback_cli.postgres.restore import check_archive_readable
+from rollback_cli.settings import SigningKeys
 from rollback_cli.storage.base import sha256_artifact
 
 if TYPE_CHECKING:
@@ -69,6 +75,7 @@ def prepared_backup(
     *,
     pg_bin_dir: Path | None,
     admit: Callable[[Manifest], None] | None = None,
+    signing: SigningKeys | None = None,
 ) -> Iterator[VerifiedBackup]:
     """The backup at ``key``, checked and on local disk for the duration of the block.
 
@@ -92,6 +99,10 @@ def prepared_backup(
             "truncated or replaced"
         )
     checks.append(Check.of("size", True, f"{stored.size} bytes"))
+    keys = signing or SigningKeys()
+    for signing_key in keys.keys:
+        redactor.add_secret(signing_key)
+    checks.append(Check.of("signature", True, check_signature(manifest, keys.keys, keys.source)))
     if admit is not None:
         admit(manifest)
     tools = find_client(manifest_client_major(manifest), pg_bin_dir, purpose="archive's pg_dump")
@@ -134,7 +145,7 @@ def verify_backup(
     try:
         with (
             step("verify", backup=key),
-            prepared_backup(storage, key, pg_bin_dir=pg_bin_dir) as backup,
+            prepared_backup(storage, key, pg_bin_dir=pg_bin_dir, signing=config.signing) as backup,
         ):
             result = VerifyResult(key, backup.uri, backup.manifest, list(backup.checks))
             if target is not None:

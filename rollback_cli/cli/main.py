@@ -254,7 +254,7 @@ def cli(ctx: click.Context, /, **options: Any) -> None:
     ctx.obj = App(
         database_url=options["database_url"],
         environment=environment,
-        storage=StorageConfig(
+        storage_options=StorageConfig(
             backup_dir=options["backup_dir"],
             storage=options["storage"],
             s3_endpoint_url=options["s3_endpoint_url"],

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from rollback_cli.errors import UsageError
-from rollback_cli.settings import RunOptions, StorageConfig, Target
+from rollback_cli.settings import RunOptions, SigningKeys, StorageConfig, Target
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +25,7 @@ class App:
 
     database_url: str | None = dataclasses.field(repr=False)
     environment: str
-    storage: StorageConfig
+    storage_options: StorageConfig
     pg_bin_dir: Path | None
     alembic_config: Path
     log_dir: Path
@@ -44,6 +44,12 @@ class App:
             yes=self.yes or yes,
             json_output=self.json_output or json_output,
         )
+
+    @property
+    def storage(self) -> StorageConfig:
+        """The storage options with the signing keys of the environment (read when the
+        command runs, so a bad key file is a configuration error, exit 3)."""
+        return dataclasses.replace(self.storage_options, signing=SigningKeys.from_environment())
 
     def target(self) -> Target:
         """The target database; ConfigError (exit 3) when none is configured or valid."""

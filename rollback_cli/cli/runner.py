@@ -23,6 +23,7 @@ import click
 from rollback_cli import __version__
 from rollback_cli.cli.options import App
 from rollback_cli.errors import ExitCode, Interrupted, RollbackError
+from rollback_cli.settings import PREVIOUS_KEYS_VAR, SIGNING_KEY_VAR
 
 Renderer = Callable[[dict[str, Any]], None]
 #: ``ctx.meta`` key of the command line's words as given (before Click converts them)
@@ -111,8 +112,8 @@ def register_secrets(app: App, redactor: Any) -> None:
 
     texts: list[Any] = [
         app.database_url,
-        app.storage.storage,
-        app.storage.s3_endpoint_url,
+        app.storage_options.storage,
+        app.storage_options.s3_endpoint_url,
         *sys.argv[1:],
     ]
     context = click.get_current_context(silent=True)
@@ -123,8 +124,10 @@ def register_secrets(app: App, redactor: Any) -> None:
         context = context.parent
     for text in _strings(texts):
         redactor.add_url_secrets(text)
-    for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+    for name in ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", SIGNING_KEY_VAR):
         redactor.add_secret(os.environ.get(name))
+    for key in os.environ.get(PREVIOUS_KEYS_VAR, "").split(","):
+        redactor.add_secret(key.strip())
     # A bad configuration is reported by the run itself (redacted); here it only has no
     # password to add.
     with contextlib.suppress(Exception):
@@ -165,7 +168,7 @@ def _call(
             "command started",
             version=__version__,
             dry_run=app.dry_run,
-            storage=app.storage.display,
+            storage=app.storage_options.display,
         )
         result = call(api).to_document()
         return result, ExitCode.OK, "dry_run" if app.dry_run else "success", None

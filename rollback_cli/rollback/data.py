@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from psycopg2.extensions import connection as PgConnection
 
 
+SUPERUSER_UNSIGNED = (
+    "the backup's SQL runs with superuser rights and no signing key is configured: anyone "
+    "who can write the backup storage can run SQL as a superuser here (configure "
+    "DB_ROLLBACK_SIGNING_KEY, or connect as the database owner)"
+)
+
+
 class DataRollback(Procedure):
     kind = "data"
     action = "data rollback"
@@ -88,6 +95,10 @@ class DataRollback(Procedure):
         )
         superuser = ctx.inspection.privileges["superuser"]
         owner_note = "" if superuser else " (--no-owner: role is not superuser)"
+        if superuser and not ctx.storage.signing:
+            warning = SUPERUSER_UNSIGNED
+            result.warnings.append(warning)
+            result.plan_step("warning", warning)
         if ctx.options.strategy == "swap":
             scratch = derived_name(db, SCRATCH_MARK)
             tool = "psql" if manifest.format == "plain" else "pg_restore"
@@ -166,7 +177,13 @@ def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
         with ExitStack() as stack:
             with step("verify-backup", backup=key):
                 backup = stack.enter_context(
-                    prepared_backup(storage, key, pg_bin_dir=ctx.target.pg_bin_dir, admit=admit)
+                    prepared_backup(
+                        storage,
+                        key,
+                        pg_bin_dir=ctx.target.pg_bin_dir,
+                        admit=admit,
+                        signing=ctx.storage.signing,
+                    )
                 )
             yield backup
     finally:

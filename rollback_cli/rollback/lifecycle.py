@@ -277,6 +277,7 @@ def take_safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
                     lock_timeout_ms=ctx.options.timeouts.lock_timeout_ms,
                 ),
                 keep_local=ctx.storage.keep_local,
+                signing=ctx.storage.signing,
             )
         finally:
             storage.close()
