@@ -11,7 +11,7 @@ from rollback_cli.backups.manifest import Manifest
 from rollback_cli.backups.scratch import compare_on, restored_copy
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.checks import Check
-from rollback_cli.errors import ManualAttention, OperationFailed, Refused
+from rollback_cli.errors import BackupError, ManualAttention, OperationFailed, Refused
 from rollback_cli.log import step
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import (
@@ -273,7 +273,8 @@ def _restore_and_swap(
             result.warnings.append("restored with --no-owner: the role is not superuser")
         mismatches = copy.comparison["mismatches"]
         if mismatches:
-            raise OperationFailed(
+            # The backup's content is not what its manifest says: it fails verification.
+            raise BackupError(
                 "restored copy does not match the manifest: "
                 + "; ".join(mismatches[:5])
                 + "; live database unchanged"
