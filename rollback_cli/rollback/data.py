@@ -11,7 +11,7 @@ from rollback_cli.backups.manifest import Manifest
 from rollback_cli.backups.scratch import compare_on, restored_copy
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.checks import Check
-from rollback_cli.errors import BackupError, ManualAttention, OperationFailed, Refused
+from rollback_cli.errors import BackupError, ManualAttention, Refused
 from rollback_cli.log import step
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import (
