@@ -223,6 +223,10 @@ class Target:
     environment: str = DEFAULT_ENVIRONMENT
     pg_bin_dir: Path | None = None
     alembic_config: Path = Path("alembic.ini")
+    #: who the restores connect as (pg_restore/psql), when not the role above: a role
+    #: without superuser rights, so that nothing a backup holds can run on the server's
+    #: host (``COPY ... TO PROGRAM`` needs a superuser; ``SET ROLE`` is no boundary)
+    restore_conninfo: ConnInfo | None = None
 
     @classmethod
     def resolve(
@@ -233,14 +237,35 @@ class Target:
         pg_bin_dir: Path | None = None,
         alembic_config: Path = Path("alembic.ini"),
         environ: dict[str, str] | os._Environ[str] | None = None,
+        restore_url: str | None = None,
     ) -> Target:
-        """A target from a URL (or libpq's PG* variables); raises ConfigError (exit 3)."""
+        """A target from a URL (or libpq's PG* variables); raises ConfigError (exit 3).
+        ``restore_url`` names the role restores connect as (its host, port and TLS settings
+        default to the target's; its database name is not used)."""
+        conninfo = resolve_conninfo(database_url, environ)
+        restore = None
+        if restore_url:
+            given = parse_database_url(restore_url)
+            restore = replace(
+                given,
+                host=given.host or conninfo.host,
+                port=given.port or conninfo.port,
+                sslmode=given.sslmode or conninfo.sslmode,
+            )
         return cls(
-            resolve_conninfo(database_url, environ),
+            conninfo,
             validate_environment(environment),
             pg_bin_dir,
             alembic_config,
+            restore,
         )
+
+    @property
+    def restore_as(self) -> ConnInfo:
+        """The connection restores use (the target's database)."""
+        if self.restore_conninfo is None:
+            return self.conninfo
+        return self.restore_conninfo.with_dbname(self.conninfo.dbname)
 
     @property
     def dbname(self) -> str:

@@ -330,7 +330,13 @@ def test_api_results_to_document(project: Project) -> None:
     for check in doc["checks"]:
         assert set(check) >= CHECK_KEYS
         assert check["check"] == check["name"] and check["ok"] and check["status"] == "ok"
-    assert [c["check"] for c in doc["checks"]] == ["manifest", "size", "sha256", "readable"]
+    assert [c["check"] for c in doc["checks"]] == [
+        "manifest",
+        "size",
+        "signature",
+        "sha256",
+        "readable",
+    ]
 
     preflight = api.status(target)
     doc = preflight.to_document()

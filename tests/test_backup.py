@@ -673,7 +673,13 @@ def test_verify_dry_run_plans_the_restore_test(ws18: Workspace) -> None:
     run, doc = ws18.run_json("backup", "verify", str(backup), "--restore-test", "--dry-run")
     assert run.exit_code == 0, str(run)
     assert doc["outcome"] == "dry_run" and doc["restore_test"] is None
-    assert [c["check"] for c in doc["checks"]] == ["manifest", "size", "sha256", "readable"]
+    assert [c["check"] for c in doc["checks"]] == [
+        "manifest",
+        "size",
+        "signature",
+        "sha256",
+        "readable",
+    ]
     assert doc["plan"][0]["step"] == "restore-test"
     assert not [e for e in ws18.last_log_events() if e["step"] == "restore-test"]
     text = ws18.run("--dry-run", "backup", "verify", str(backup), "--restore-test")

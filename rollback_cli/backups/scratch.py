@@ -102,10 +102,14 @@ def restored_copy(
     tools = find_client(major, target.pg_bin_dir)
     if tools.major < archive_tools.major:
         tools = archive_tools  # an archive only its own (newer) client can read
-    superuser = role_privileges(admin)["superuser"]
+    admin_superuser = role_privileges(admin)["superuser"]
+    superuser = restores_as_superuser(target, admin)  # the role the restore connects as
     live_exists = database_exists(admin, target.dbname)
     like = database_properties(admin, target.dbname) if live_exists else None
-    acting_role = _acting_role(admin, like, superuser)
+    # The copy belongs to the live owner whenever this role may say so.
+    set_owner = like is not None and (admin_superuser or is_member_of(admin, like.owner))
+    # A restore role of its own acts as itself; otherwise act as the owner when we may.
+    acting_role = None if target.restore_conninfo else _acting_role(admin, like, superuser)
     jobs = _bounded_jobs(admin, jobs)
     scratch = name or free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
@@ -115,7 +119,7 @@ def restored_copy(
                 admin,
                 scratch,
                 like,
-                set_owner=acting_role is not None or superuser,
+                set_owner=set_owner,
                 purpose=purpose,
             )
             record = registry.new_record(admin, kind, target.dbname, current_run_id())
@@ -126,7 +130,7 @@ def restored_copy(
                     "restoring without ownership (role is not superuser)",
                     acting_as=acting_role,
                 )
-            _restore(tools, conninfo, scratch, local, manifest, major, jobs, superuser, acting_role)
+            _restore(tools, target, scratch, local, manifest, major, jobs, superuser, acting_role)
         with step("validate-scratch") as details:
             comparison = compare_with_manifest(conninfo, scratch, manifest)
             details.update(tables=comparison["tables"], rows=comparison["rows"])
@@ -147,6 +151,18 @@ def _bounded_jobs(admin: PgConnection, jobs: int) -> int:
         get_logger().warning("parallel restore jobs capped", asked=jobs, jobs=bound)
         return bound
     return jobs
+
+
+def restores_as_superuser(target: Target, admin: PgConnection) -> bool:
+    """Whether the role restores connect as is a superuser (then a backup's SQL may reach
+    the server's host: COPY ... TO PROGRAM, untrusted languages)."""
+    if target.restore_conninfo is None:
+        return role_privileges(admin)["superuser"]
+    conn = connect(target.restore_as)
+    try:
+        return role_privileges(conn)["superuser"]
+    finally:
+        conn.close()
 
 
 def _acting_role(
@@ -185,7 +201,7 @@ def _carry_settings(
 
 def _restore(
     tools: ClientTools,
-    conninfo: ConnInfo,
+    target: Target,
     scratch: str,
     local: Path,
     manifest: Manifest,
@@ -197,10 +213,10 @@ def _restore(
     no_owner = not superuser
     try:
         if manifest.type == "data":
-            _copy_live_schema(tools, conninfo, scratch, no_owner, major, acting_role)
+            _copy_live_schema(tools, target, scratch, no_owner, major, acting_role)
         restore_into(
             tools,
-            conninfo,
+            target.restore_as,
             scratch,
             local,
             manifest.format,
@@ -223,13 +239,14 @@ def _drop_quietly(conn: PgConnection, name: str) -> None:
 
 def _copy_live_schema(
     tools: ClientTools,
-    conninfo: ConnInfo,
+    target: Target,
     scratch: str,
     no_owner: bool,
     major: int,
     acting_role: str | None,
 ) -> None:
     """A data-only backup is restored into a copy of the live database's schema."""
+    conninfo = target.conninfo
     with tempfile.TemporaryDirectory(prefix="db-rollback-schema-") as temp_dir:
         schema_file = Path(temp_dir) / "schema.dump"
         argv = [
@@ -254,7 +271,7 @@ def _copy_live_schema(
             raise OperationFailed(f"cannot copy the schema of {conninfo.dbname}: {reason}")
         restore_into(
             tools,
-            conninfo,
+            target.restore_as,
             scratch,
             schema_file,
             "custom",

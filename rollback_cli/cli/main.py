@@ -126,6 +126,14 @@ class RootGroup(click.Group):
     "~/.pgpass). Default: libpq PG* variables.",
 )
 @click.option(
+    "--restore-url",
+    envvar="DB_ROLLBACK_RESTORE_URL",
+    show_envvar=True,
+    metavar="URL",
+    help="Connect restores (pg_restore/psql) as this role, e.g. the database owner: a role "
+    "without superuser rights, so nothing a backup holds can run on the server's host.",
+)
+@click.option(
     "--environment",
     "-e",
     envvar="DB_ROLLBACK_ENVIRONMENT",
@@ -253,6 +261,7 @@ def cli(ctx: click.Context, /, **options: Any) -> None:
         raise click.BadParameter(exc.message, param_hint="--environment") from None
     ctx.obj = App(
         database_url=options["database_url"],
+        restore_url=options["restore_url"],
         environment=environment,
         storage_options=StorageConfig(
             backup_dir=options["backup_dir"],

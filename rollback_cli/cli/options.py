@@ -24,6 +24,7 @@ class App:
     """The global options, resolved once; output options stay here, out of the core."""
 
     database_url: str | None = dataclasses.field(repr=False)
+    restore_url: str | None = dataclasses.field(repr=False)
     environment: str
     storage_options: StorageConfig
     pg_bin_dir: Path | None
@@ -58,6 +59,7 @@ class App:
             environment=self.environment,
             pg_bin_dir=self.pg_bin_dir,
             alembic_config=self.alembic_config,
+            restore_url=self.restore_url,
         )
 
     @property

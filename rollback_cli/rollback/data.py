@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate
 from rollback_cli.backups.manifest import Manifest
-from rollback_cli.backups.scratch import compare_on, restored_copy
+from rollback_cli.backups.scratch import compare_on, restored_copy, restores_as_superuser
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.checks import Check
 from rollback_cli.errors import BackupError, ManualAttention, Refused
@@ -93,8 +93,14 @@ class DataRollback(Procedure):
             f"full backup of {db}"
             + (" (kept database stays too)" if ctx.options.strategy == "swap" else ""),
         )
-        superuser = ctx.inspection.privileges["superuser"]
-        owner_note = "" if superuser else " (--no-owner: role is not superuser)"
+        superuser = restore_role_is_superuser(ctx)
+        owner_note = "" if superuser else " (--no-owner: the restoring role is not superuser)"
+        if ctx.target.restore_conninfo is not None:
+            result.plan_step(
+                "restore-role",
+                f"restores connect as {ctx.target.restore_as.user or 'the restore URL role'}"
+                + (" (a superuser!)" if superuser else " (not a superuser)"),
+            )
         if superuser and not ctx.storage.signing:
             warning = SUPERUSER_UNSIGNED
             result.warnings.append(warning)
@@ -188,6 +194,16 @@ def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
             yield backup
     finally:
         storage.close()
+
+
+def restore_role_is_superuser(ctx: RollbackContext) -> bool:
+    if ctx.target.restore_conninfo is None:
+        return ctx.inspection.privileges["superuser"]
+    admin = maintenance_connection(ctx.target.conninfo)
+    try:
+        return restores_as_superuser(ctx.target, admin)
+    finally:
+        admin.close()
 
 
 def check_swap(ctx: RollbackContext) -> int:
@@ -302,16 +318,18 @@ def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: Rollb
     transaction that replaces everything; connections are refused only for that last part."""
     inspection = ctx.inspection
     db = inspection.dbname
-    superuser = inspection.privileges["superuser"]
     tools = inspection.tools if inspection.tools.major >= backup.tools.major else backup.tools
     admin = maintenance_connection(ctx.target.conninfo)
     try:
+        superuser = restores_as_superuser(ctx.target, admin)
         comment = read_database_state(admin, db).comment
         owner = database_properties(admin, db).owner
-        role = owner if not superuser and is_member_of(admin, owner) else None
+        role = None
+        if not superuser and ctx.target.restore_conninfo is None and is_member_of(admin, owner):
+            role = owner
         with WritersStopped(
             tools,
-            inspection.conninfo,
+            ctx.target.restore_as,
             admin,
             server_major=inspection.major,
             no_owner=not superuser,
