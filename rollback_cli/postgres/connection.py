@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from psycopg2 import sql
+
 from rollback_cli.errors import ConfigError
 from rollback_cli.log import bound_context, new_run_id, redactor
 
@@ -166,3 +168,36 @@ def export_snapshot(conn: PgConnection) -> str | None:
         cur.execute("SELECT pg_export_snapshot()")
         row = cur.fetchone()
     return str(row[0]) if row else None
+
+
+#: what identifies a database on a cluster, read through any connection (no parameters, so
+#: it runs through whatever driver an application's migration environment uses)
+IDENTITY_QUERY = (
+    "SELECT current_database(), pg_postmaster_start_time()::text, current_setting('port'), "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())::text"
+)
+
+
+def identity(conn: PgConnection) -> tuple[str, ...]:
+    """(database, cluster start time, port, database OID) of ``conn``'s database."""
+    with conn.cursor() as cur:
+        cur.execute(IDENTITY_QUERY)
+        row = cur.fetchone()
+    assert row is not None
+    return tuple(str(value) for value in row)
+
+
+def timeout_statements(
+    conn: PgConnection, lock_timeout_ms: int, statement_timeout_ms: int
+) -> list[str]:
+    """``SET lock_timeout`` and ``SET statement_timeout`` as text, composed through ``conn``,
+    for a session of another driver (an application's own engine)."""
+    return [
+        sql.SQL("SET {} = {}")
+        .format(sql.Identifier(name), sql.Literal(f"{int(ms)}ms"))
+        .as_string(conn)
+        for name, ms in (
+            ("lock_timeout", lock_timeout_ms),
+            ("statement_timeout", statement_timeout_ms),
+        )
+    ]

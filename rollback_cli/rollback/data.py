@@ -223,19 +223,30 @@ def check_privileges(ctx: RollbackContext) -> None:
     privileges = inspection.privileges
     owner = inspection.owner or privileges["superuser"]
     if ctx.options.strategy == "swap":
+        role = ctx.target.conninfo.user or "the role"
+        db = inspection.dbname
         missing = [
-            name
-            for name, ok in (
-                ("CREATEDB", privileges["createdb"]),
-                ("ownership of the database", owner),
-                ("permission to terminate backends", privileges["can_terminate"]),
+            (name, fix)
+            for name, ok, fix in (
+                ("CREATEDB", privileges["createdb"], f'ALTER ROLE "{role}" CREATEDB'),
+                (
+                    "ownership of the database",
+                    owner,
+                    f'ALTER DATABASE "{db}" OWNER TO "{role}" (or GRANT the owning role to it)',
+                ),
+                (
+                    "pg_signal_backend (to end the database's sessions)",
+                    privileges["can_terminate"],
+                    f'GRANT pg_signal_backend TO "{role}"',
+                ),
             )
             if not ok
         ]
         if missing:
+            alternative = "; or use --strategy in-place, which needs no CREATEDB" if owner else ""
             raise Refused(
-                f"swap rollback needs {', '.join(missing)}",
-                hint="use --strategy in-place for roles without CREATEDB",
+                f"swap rollback needs {', '.join(name for name, _ in missing)}",
+                hint="run " + "; ".join(fix for _, fix in missing) + alternative,
             )
     elif not owner:
         raise Refused(f"in-place rollback needs ownership of {inspection.dbname} or superuser")

@@ -19,8 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rollback_cli.errors import ConfigError, OperationFailed, Refused, UsageError
+from rollback_cli.errors import ConfigError, OperationFailed, Refused, RollbackError, UsageError
 from rollback_cli.log import get_logger
+from rollback_cli.rollback.environment import (
+    OwnedEnvironment,
+    isolated_from_application,
+    owned_environment,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -30,8 +35,11 @@ if TYPE_CHECKING:
 
 BASE = "base"
 _DROP = re.compile(r"\bDROP\s+(TABLE|COLUMN)\b(?:\s+IF\s+EXISTS)?\s+([\w.\"]+)?", re.IGNORECASE)
+# ALTER TABLE t DROP [COLUMN] [IF EXISTS] c, but not DROP CONSTRAINT (no data goes with it).
 _ALTER_DROP = re.compile(
-    r"\bALTER\s+TABLE\s+([\w.\"]+)\s+DROP\s+(?:COLUMN\s+)?([\w\"]+)", re.IGNORECASE
+    r"\bALTER\s+TABLE\s+([\w.\"]+)\s+DROP\s+(?:COLUMN\s+)?(?:IF\s+EXISTS\s+)?"
+    r"(?!CONSTRAINT\b)([\w\"]+)",
+    re.IGNORECASE,
 )
 
 
@@ -50,6 +58,9 @@ class RevisionStep:
     drops: list[str] = field(default_factory=list)
     empty: bool = False
     irreversible: str | None = None
+    #: why the downgrade cannot render offline (it looks at the live connection): it is
+    #: not irreversible, its SQL is only known once it runs
+    online_only: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +70,7 @@ class RevisionStep:
             "drops": self.drops,
             "empty": self.empty,
             "irreversible": self.irreversible,
+            "online_only": self.online_only,
             "sql": self.sql,
         }
 
@@ -97,7 +109,11 @@ def script_directory(config: Config) -> ScriptDirectory:
     from alembic.util.exc import CommandError
 
     try:
-        return ScriptDirectory.from_config(config)
+        script = ScriptDirectory.from_config(config)
+        # Loading the revision files imports application code: keep it off our logging.
+        with isolated_from_application():
+            script.revision_map.heads  # noqa: B018 - load them now, isolated
+        return script
     except (CommandError, configparser.Error) as exc:
         raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
 
@@ -194,12 +210,14 @@ def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) ->
         config.output_buffer = buffer
         down = item.down_revision or BASE
         try:
-            with database_url_env(url):
+            with database_url_env(url), isolated_from_application():
                 command.downgrade(config, f"{item.revision}:{down}", sql=True)
         except NotImplementedError as exc:
             item.irreversible = str(exc) or "downgrade raises NotImplementedError"
         except Exception as exc:
-            item.irreversible = f"cannot render offline: {type(exc).__name__}: {exc}"
+            # Offline rendering is a preview, never a verdict: a downgrade that looks at the
+            # live connection cannot render offline, and runs fine online.
+            item.online_only = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         finally:
             config.output_buffer = None
         item.sql = buffer.getvalue()
@@ -208,7 +226,7 @@ def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) ->
             for s in _statements(item.sql)
             if "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
         ]
-        item.empty = not statements and item.irreversible is None
+        item.empty = not statements and item.irreversible is None and item.online_only is None
         item.drops = sorted({_describe_drop(s) for s in statements if _is_drop(s)})
 
 
@@ -231,14 +249,32 @@ def _describe_drop(statement: str) -> str:
     return statement[:60]
 
 
-def downgrade(config: Config, target: str, url: str) -> None:
-    """Run the downgrade in-process; failures become OperationFailed (the caller checks state)."""
+def downgrade(
+    config: Config, target: str, url: str, expected: ConnInfo, timeouts: Timeouts
+) -> OwnedEnvironment:
+    """Run the downgrade in-process through the project's env.py, on a connection proven to
+    reach ``expected`` and bounded by ``timeouts``; failures become OperationFailed (the
+    caller checks state), a connection elsewhere is Refused before any statement."""
     from alembic import command
 
     logger = get_logger()
     try:
-        with database_url_env(url):
+        with (
+            database_url_env(url),
+            owned_environment(
+                expected, timeouts.lock_timeout_ms, timeouts.statement_timeout_ms
+            ) as owned,
+            isolated_from_application(),
+        ):
             command.downgrade(config, target)
+        if owned.connections == 0:
+            raise Refused(
+                "the migration environment (env.py) ran no migration through a connection "
+                "(offline mode?): nothing could be checked"
+            )
+        return owned
+    except RollbackError:
+        raise
     except Exception as exc:
         text = " ".join(str(exc).split())
         if "lock timeout" in text.lower() or "canceling statement due to lock timeout" in text:

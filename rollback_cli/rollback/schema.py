@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ManualAttention, OperationFailed, Refused
-from rollback_cli.log import step
+from rollback_cli.log import get_logger, step
 from rollback_cli.rollback import migrations
 from rollback_cli.rollback.lifecycle import (
     Procedure,
@@ -99,6 +99,11 @@ def plan_downgrade(
             flags.append(f"{s.revision} has an empty downgrade")
         if s.irreversible:
             flags.append(f"{s.revision} is irreversible: {s.irreversible}")
+        if s.online_only:
+            flags.append(
+                f"{s.revision} is online only (cannot render offline: {s.online_only}); "
+                "its SQL is known once it runs"
+            )
     result.warnings += flags
     revs = ", ".join(f"{s.revision} ({s.message})" for s in steps) or "nothing (already there)"
     timeouts = ctx.options.timeouts
@@ -126,7 +131,18 @@ def run_downgrade(
     conninfo = ctx.target.conninfo
     with step("downgrade", to_revision=downgrade.target):
         try:
-            migrations.downgrade(downgrade.config, downgrade.target, downgrade.url)
+            owned = migrations.downgrade(
+                downgrade.config,
+                downgrade.target,
+                downgrade.url,
+                ctx.target.conninfo,
+                ctx.options.timeouts,
+            )
+            get_logger().info(
+                "downgrade ran",
+                statements=len(owned.statements),
+                sql=[s.sql[:200] for s in owned.statements[:50]],
+            )
         except OperationFailed as exc:
             now = current_revisions(conninfo)
             if sorted(now) == sorted(before):

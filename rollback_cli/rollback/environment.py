@@ -1,0 +1,163 @@
+"""Owning the migration environment: an application's env.py runs inside the tool's run.
+
+Whatever env.py does (builds its own engine from its own settings, runs an async engine
+through ``run_sync``), Alembic migrates through the connection env.py hands to
+``context.configure``. That call is where the tool takes control: it proves the connection
+reaches the target database (same cluster, same database OID), refuses before any
+statement otherwise, sets the run's lock and statement timeouts on it, and records every
+statement executed with its duration.
+
+Application code also must not take over the tool's logging or stdout: around every call
+into it, the logging configuration is kept and restored (env.py's ``fileConfig`` would
+replace the handlers and disable the tool's loggers) and stdout is captured (a migration's
+``print`` would corrupt ``--json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rollback_cli.errors import Refused
+from rollback_cli.log import get_logger
+from rollback_cli.postgres.connection import (
+    IDENTITY_QUERY,
+    connect,
+    identity,
+    timeout_statements,
+)
+
+if TYPE_CHECKING:
+    from rollback_cli.settings import ConnInfo
+
+
+@dataclass
+class ExecutedStatement:
+    sql: str
+    duration_ms: float
+    revision: str | None = None
+
+
+@dataclass
+class OwnedEnvironment:
+    """What the migration environment did: the statements it executed."""
+
+    expected: str
+    statements: list[ExecutedStatement] = field(default_factory=list)
+    connections: int = 0
+
+
+@contextlib.contextmanager
+def isolated_from_application() -> Iterator[io.StringIO]:
+    """Run application code without letting it change the tool's logging or stdout."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    manager = logging.Logger.manager
+    loggers = {
+        name: (logger.disabled, logger.level, list(logger.handlers), logger.propagate)
+        for name, logger in manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield captured
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, (disabled, logger_level, logger_handlers, propagate) in loggers.items():
+            logger = logging.getLogger(name)
+            logger.disabled, logger.propagate = disabled, propagate
+            logger.setLevel(logger_level)
+            logger.handlers[:] = logger_handlers
+        for name, added in manager.loggerDict.items():
+            if name not in loggers and isinstance(added, logging.Logger):
+                added.handlers.clear()  # the application's own, added meanwhile
+                added.propagate = True
+        text = captured.getvalue()
+        if text.strip():
+            get_logger().debug("output of the migration environment", output=text[-4000:])
+
+
+@contextlib.contextmanager
+def owned_environment(
+    expected: ConnInfo, lock_timeout_ms: int, statement_timeout_ms: int
+) -> Iterator[OwnedEnvironment]:
+    """While the block runs, every connection env.py configures Alembic with must reach
+    ``expected``; it gets the timeouts, and its statements are recorded."""
+    from alembic.runtime.environment import EnvironmentContext
+    from sqlalchemy import event
+
+    ours = connect(expected)
+    try:
+        wanted = identity(ours)
+        setup = timeout_statements(ours, lock_timeout_ms, statement_timeout_ms)
+    finally:
+        ours.close()
+    owned = OwnedEnvironment(expected=expected.dbname)
+    original = EnvironmentContext.configure
+
+    def configure(self: Any, connection: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if connection is not None:
+            _take(connection, wanted, setup, expected.dbname)
+            _record(event, connection, owned)
+            owned.connections += 1
+        return original(self, connection, *args, **kwargs)
+
+    EnvironmentContext.configure = configure  # type: ignore[method-assign]
+    try:
+        yield owned
+    finally:
+        EnvironmentContext.configure = original  # type: ignore[method-assign]
+
+
+def _take(connection: Any, wanted: tuple[str, ...], setup: list[str], dbname: str) -> None:
+    """Prove ``connection`` reaches the target, then set the timeouts, through the driver's
+    own cursor (so no SQLAlchemy transaction is started or ended behind env.py's back)."""
+    raw = connection.connection.dbapi_connection
+    cursor = raw.cursor()
+    try:
+        cursor.execute(IDENTITY_QUERY)
+        row = cursor.fetchone()
+        found = tuple(str(value) for value in row) if row else ()
+        if found != wanted:
+            where = f"database {found[0]!r}" if found else "an unknown database"
+            raise Refused(
+                f"the migration environment (env.py) connects to {where}"
+                + (" on another server" if found and found[0] == dbname else "")
+                + f", not to the target {dbname}: nothing was run; make env.py use the URL "
+                "it is given (config.get_main_option('sqlalchemy.url') or DATABASE_URL)"
+            )
+        for statement in setup:
+            cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
+def _record(event: Any, connection: Any, owned: OwnedEnvironment) -> None:
+    started: list[float] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        started.append(time.monotonic())
+
+    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        began = started.pop() if started else time.monotonic()
+        owned.statements.append(
+            ExecutedStatement(statement.strip(), round((time.monotonic() - began) * 1000, 1))
+        )
+
+    event.listen(connection, "before_cursor_execute", before)
+    event.listen(connection, "after_cursor_execute", after)
+
+
+__all__ = [
+    "ExecutedStatement",
+    "OwnedEnvironment",
+    "isolated_from_application",
+    "owned_environment",
+]
