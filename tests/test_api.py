@@ -208,7 +208,10 @@ def test_api_guards_protected_environments(project15: Project) -> None:
 
     refusals: dict[str, Callable[[], object]] = {
         "data": lambda: api.rollback_data(production, storage, backup.key),
-        "schema": lambda: api.rollback_schema(production, storage, REV_SEED),
+        # The data the downgrade drops is accepted here, so the confirmation is what refuses.
+        "schema": lambda: api.rollback_schema(
+            production, storage, REV_SEED, api.RollbackOptions(accept_data_loss=True)
+        ),
         "cleanup-artifacts": lambda: api.cleanup_artifacts(production, storage, keep_days=0),
     }
     for what, call in refusals.items():
@@ -217,6 +220,12 @@ def test_api_guards_protected_environments(project15: Project) -> None:
         refused = caught.value
         assert refused.exit_code == ExitCode.REFUSED and int(refused.exit_code) == 7, what
         assert "production" in refused.message and "confirmation" in refused.message, what
+
+    # Without --accept-data-loss, the rehearsal's count of the live data the downgrade
+    # would drop refuses it first, confirmed or not.
+    with pytest.raises(Refused) as caught:
+        api.rollback_schema(production, storage, REV_SEED, run=RunOptions(yes=True))
+    assert "--accept-data-loss" in caught.value.one_line()
 
     assert project.revision() == REV_TIER
     assert project.data_fingerprint() == data_before

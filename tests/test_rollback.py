@@ -539,7 +539,17 @@ def test_failing_downgrade_in_one_transaction_leaves_schema_unchanged(
     schema = project.schema_dump()
     _break_downgrade(project.alembic_ini, REV_TIER, per_migration=False)
 
+    # The rehearsal on a copy of the schema meets the failure before the live database.
     result, doc = project.run_json("rollback", "schema", "--to-revision", REV_SEED)
+    assert result.exit_code == 5, result.stderr
+    assert "rehearsal" in doc["message"] and "live database was not touched" in doc["message"]
+    assert project.revision() == REV_DROP_EMAIL
+    assert project.schema_dump() == schema
+
+    # Without the rehearsal, the live downgrade fails in its one transaction.
+    result, doc = project.run_json(
+        "rollback", "schema", "--to-revision", REV_SEED, "--no-rehearsal"
+    )
     assert result.exit_code == 5, result.stderr
     assert "database unchanged" in doc["message"]
     assert "division by zero" in doc["message"]
@@ -554,7 +564,15 @@ def test_downgrade_failing_after_a_committed_step_needs_manual_attention(
     project.upgrade(REV_DROP_EMAIL)
     _break_downgrade(project.alembic_ini, REV_TIER, per_migration=True)
 
+    # The rehearsal stops it before any live change ...
     result, doc = project.run_json("rollback", "schema", "--to-revision", REV_SEED)
+    assert result.exit_code == 5, result.stderr
+    assert project.revision() == REV_DROP_EMAIL
+
+    # ... and without it, a failure after a committed step needs manual attention.
+    result, doc = project.run_json(
+        "rollback", "schema", "--to-revision", REV_SEED, "--no-rehearsal"
+    )
     assert result.exit_code == 6, result.stderr
     # The message names where the database is now, where it was and the way back.
     assert f"now at revision {REV_TIER}" in doc["message"]

@@ -103,6 +103,14 @@ class Manifest:
         for name, expected in checks:
             if not isinstance(values.get(name), expected):
                 raise BackupError(f"manifest {source} has an invalid {name}")
+        counts_ok = all(
+            isinstance(k, str) and type(v) is int and v >= 0
+            for k, v in values["row_counts"].items()
+        )
+        if not counts_ok:
+            raise BackupError(f"manifest {source} has invalid row counts")
+        if not all(isinstance(r, str) for r in values["alembic_revisions"]):
+            raise BackupError(f"manifest {source} has invalid alembic_revisions")
         if values["type"] not in BACKUP_TYPES or values["format"] not in BACKUP_FORMATS:
             raise BackupError(f"manifest {source} has an unknown type or format")
         if values.get("signature") is not None and not isinstance(values["signature"], str):

@@ -27,10 +27,12 @@ from rollback_cli.postgres.catalog import (
     is_member_of,
     read_database_state,
     role_privileges,
+    set_revisions,
     table_row_counts,
 )
 from rollback_cli.postgres.clients import ClientTools, child_environment, find_client
 from rollback_cli.postgres.connection import (
+    RUN_LOCK_TIMEOUT_MS,
     connect,
     current_run_id,
     database_error,
@@ -38,7 +40,12 @@ from rollback_cli.postgres.connection import (
     server_major,
 )
 from rollback_cli.postgres.ddl import apply_database_state, create_database_like, drop_database
-from rollback_cli.postgres.names import SCRATCH_MARK, VERIFY_MARK, free_derived_name
+from rollback_cli.postgres.names import (
+    REHEARSAL_MARK,
+    SCRATCH_MARK,
+    VERIFY_MARK,
+    free_derived_name,
+)
 from rollback_cli.postgres.restore import restore_into
 
 if TYPE_CHECKING:
@@ -229,6 +236,34 @@ def _restore(
         raise RestoreFailed(exc.message, hint=exc.hint) from None
 
 
+@contextmanager
+def schema_copy(admin: PgConnection, target: Target, revisions: list[str]) -> Iterator[str]:
+    """A registered scratch database holding the live database's schema (and its Alembic
+    revisions), dropped when the block ends: what a schema rollback rehearses on."""
+    major = server_major(admin)
+    tools = find_client(major, target.pg_bin_dir)
+    superuser = restores_as_superuser(target, admin)
+    like = database_properties(admin, target.dbname)
+    set_owner = role_privileges(admin)["superuser"] or is_member_of(admin, like.owner)
+    acting_role = None if target.restore_conninfo else _acting_role(admin, like, superuser)
+    scratch = free_derived_name(admin, target.dbname, REHEARSAL_MARK)
+    try:
+        with step("schema-copy", scratch_database=scratch):
+            create_database_like(admin, scratch, like, set_owner=set_owner, purpose="the rehearsal")
+            record = registry.new_record(admin, registry.REHEARSAL, target.dbname, current_run_id())
+            registry.write(admin, scratch, record)
+            _carry_settings(admin, target.dbname, scratch, None, strict=False)
+            _copy_live_schema(tools, target, scratch, not superuser, major, acting_role)
+            conn = connect(target.conninfo, scratch)
+            try:
+                set_revisions(conn, revisions)
+            finally:
+                conn.close()
+        yield scratch
+    finally:
+        _drop_quietly(admin, scratch)
+
+
 def _drop_quietly(conn: PgConnection, name: str) -> None:
     try:
         drop_database(conn, name)
@@ -256,6 +291,8 @@ def _copy_live_schema(
             "--format=custom",
             f"--file={schema_file}",
         ]
+        if RUN_LOCK_TIMEOUT_MS.get():
+            argv.append(f"--lock-wait-timeout={RUN_LOCK_TIMEOUT_MS.get()}ms")
         with child_environment(conninfo) as env:
             result = subprocess.run(
                 argv,

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.backups.catalog import fetched, locate, read_manifest
+from rollback_cli.backups.dump import archive_version_from_header
 from rollback_cli.backups.manifest import (
     Manifest,
     backup_key_for_manifest,
     check_signature,
     is_manifest_key,
 )
-from rollback_cli.backups.scratch import RestoreFailed, restored_copy
-from rollback_cli.checks import Check
+from rollback_cli.backups.scratch import RestoreFailed, restored_copy, restores_as_superuser
+from rollback_cli.checks import WARNING, Check
 from rollback_cli.errors import BackupError
 from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.postgres import registry
@@ -112,6 +113,16 @@ def prepared_backup(
         yield VerifiedBackup(storage, key, manifest, local, tools, checks)
 
 
+def archive_version_of(local: Path) -> str | None:
+    """The format version in a custom archive's (or a directory's toc.dat) header."""
+    header_file = local / "toc.dat" if local.is_dir() else local
+    try:
+        with header_file.open("rb") as handle:
+            return archive_version_from_header(handle.read(8))
+    except OSError:
+        return None
+
+
 def check_local(tools: ClientTools, local: Path, manifest: Manifest) -> list[Check]:
     """Checksum and readability of a backup already on local disk."""
     actual = sha256_artifact(local)
@@ -120,6 +131,15 @@ def check_local(tools: ClientTools, local: Path, manifest: Manifest) -> list[Che
             f"backup {manifest.file_name} fails its checksum (sha256 {actual[:12]}…, manifest "
             f"{manifest.sha256[:12]}…): corrupt or modified"
         )
+    if manifest.archive_version and manifest.format != "plain":
+        found = archive_version_of(local)
+        if found != manifest.archive_version:
+            # A header that differs from the one recorded at backup time is corruption, not
+            # a client too old to read it.
+            raise BackupError(
+                f"backup {manifest.file_name} has archive header version {found or 'none'}, "
+                f"its manifest recorded {manifest.archive_version}: corrupt or modified"
+            )
     entries = check_archive_readable(tools, local, manifest.format)
     readable = (
         f"pg_restore --list: {entries} entries"
@@ -149,10 +169,21 @@ def verify_backup(
         ):
             result = VerifyResult(key, backup.uri, backup.manifest, list(backup.checks))
             if target is not None:
-                result.restore_test = run_restore_test(target, backup)
+                result.restore_test = run_restore_test(target, backup, signed=bool(config.signing))
                 result.checks.append(
                     Check.of("restore-test", True, "restored into a scratch database and compared")
                 )
+                if result.restore_test.get("restored_as_superuser") and not config.signing:
+                    result.checks.append(
+                        Check(
+                            "restore-role",
+                            WARNING,
+                            "the backup's SQL ran with superuser rights and no signing key is "
+                            "configured: anyone who can write the storage could run SQL as a "
+                            "superuser here (configure DB_ROLLBACK_SIGNING_KEY, or "
+                            "--restore-url with the database owner)",
+                        )
+                    )
     finally:
         storage.close()
     get_logger().info(
@@ -164,12 +195,20 @@ def verify_backup(
     return result
 
 
-def run_restore_test(target: Target, backup: VerifiedBackup) -> dict[str, Any]:
+def run_restore_test(
+    target: Target, backup: VerifiedBackup, *, signed: bool = False
+) -> dict[str, Any]:
     """Restore into a scratch database, compare row counts and revision, drop it."""
     manifest = backup.manifest
     with step("restore-test") as details:
         admin = maintenance_connection(target.conninfo)
+        note = ""
         try:
+            if not signed and restores_as_superuser(target, admin):
+                note = (
+                    "; its SQL ran with superuser rights and no signing key is configured "
+                    "(configure DB_ROLLBACK_SIGNING_KEY, or --restore-url with the owner)"
+                )
             with restored_copy(
                 admin,
                 target,
@@ -179,11 +218,11 @@ def run_restore_test(target: Target, backup: VerifiedBackup) -> dict[str, Any]:
                 registry.VERIFY,
                 purpose="the restore test",
             ) as copy:
-                comparison = copy.comparison
+                comparison = {**copy.comparison, "restored_as_superuser": not copy.no_owner}
         except RestoreFailed as exc:
             # The backup cannot be restored here: it fails verification (exit 4).
             raise BackupError(
-                f"restore test of {manifest.file_name} failed: {exc.message}"
+                f"restore test of {manifest.file_name} failed: {exc.message}{note}"
             ) from None
         finally:
             admin.close()
@@ -192,6 +231,7 @@ def run_restore_test(target: Target, backup: VerifiedBackup) -> dict[str, Any]:
         raise BackupError(
             f"restore test of {manifest.file_name} does not match its manifest: "
             + "; ".join(comparison["mismatches"][:5])
+            + note
         )
     return comparison
 

@@ -142,8 +142,7 @@ def backup_verify(
 
     def show(doc: dict[str, Any]) -> None:
         click.echo(f"backup OK: {doc['backup_uri']}")
-        for check in doc["checks"]:
-            click.echo(f"  ✓ {check['check']}: {check['detail']}")
+        render.checks(doc["checks"])
         if doc.get("plan"):
             render.plan(doc["plan"])
 

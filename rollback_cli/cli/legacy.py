@@ -25,6 +25,8 @@ _COMMAND_OPTIONS = {
     "--checks": True,
     "--allow-cross-environment": False,
     "--allow-other-database": False,
+    "--no-rehearsal": False,
+    "--accept-data-loss": False,
     "--no-safety-backup": False,
     "--format": True,
     "--compress": True,

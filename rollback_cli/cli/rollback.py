@@ -66,6 +66,8 @@ def _options(api: Any, opts: dict[str, Any], strategy: str = "swap") -> Any:
             parse_timeout_ms(opts["lock_timeout"]), parse_timeout_ms(opts["statement_timeout"])
         ),
         checks_file=opts["checks_file"],
+        no_rehearsal=opts.get("no_rehearsal", False),
+        accept_data_loss=opts.get("accept_data_loss", False),
     )
 
 
@@ -74,7 +76,29 @@ def rollback() -> None:
     """Roll back schema, data or both; undo the last data rollback."""
 
 
+REHEARSAL_OPTIONS = (
+    click.option(
+        "--no-rehearsal",
+        is_flag=True,
+        help="Do not rehearse the downgrade on a copy of the schema first (unsafe).",
+    ),
+    click.option(
+        "--accept-data-loss",
+        is_flag=True,
+        help="Allow, in a protected environment, a downgrade that drops tables or columns "
+        "holding live data (the rehearsal counts them).",
+    ),
+)
+
+
+def rehearsal_options(func: F) -> F:
+    for option in REHEARSAL_OPTIONS:
+        func = option(func)
+    return func
+
+
 @rollback.command("schema")
+@rehearsal_options
 @click.option(
     "--to-revision",
     required=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -318,3 +319,82 @@ def run_boolean_check(conn: PgConnection, sql: str) -> tuple[bool, str]:
     if row is None or len(row) != 1 or not isinstance(row[0], bool):
         return False, f"expected one boolean, got {row!r}"
     return bool(row[0]), "true" if row[0] else "returned false"
+
+
+def user_columns(conn: PgConnection) -> set[tuple[str, str, str]]:
+    """(schema, table, column) of every column of every user table."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT n.nspname, c.relname, a.attname
+            FROM pg_attribute a
+            JOIN pg_class c ON c.oid = a.attrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+              AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
+            """
+        )
+        return {(str(s), str(t), str(a)) for s, t, a in cur.fetchall()}
+
+
+def count_values(conn: PgConnection, schema: str, table: str, column: str | None) -> int:
+    """Rows of a table, or non-null values of one of its columns."""
+    what = (
+        sql.SQL("count(*)")
+        if column is None
+        else sql.SQL("count({})").format(sql.Identifier(column))
+    )
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT {} FROM {}").format(what, sql.Identifier(schema, table)))
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def set_revisions(conn: PgConnection, revisions: list[str]) -> None:
+    """Make ``alembic_version`` hold ``revisions`` (a schema-only copy has no rows)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        row = cur.fetchone()
+        if not row or not row[0]:
+            return
+        cur.execute("DELETE FROM alembic_version")
+        for revision in revisions:
+            cur.execute("INSERT INTO alembic_version (version_num) VALUES (%s)", (revision,))
+
+
+def count_assertions(
+    conn: PgConnection, row_counts: dict[str, int], revisions: list[str] | None
+) -> str:
+    """SQL that raises unless every table holds the given number of rows (and
+    alembic_version the given revisions): run inside a restore's transaction before its
+    COMMIT, a restore that does not match its manifest is never committed."""
+    tag = sql.SQL("$check_{}$").format(sql.SQL(secrets.token_hex(6)))
+    blocks = []
+    for name, expected in sorted(row_counts.items()):
+        schema, _, table = name.partition(".")
+        relation = sql.Identifier(schema, table)
+        blocks.append(
+            sql.SQL(
+                "DO {tag} BEGIN IF (SELECT count(*) FROM {rel}) <> {n} THEN RAISE EXCEPTION "
+                "{msg}, (SELECT count(*) FROM {rel}); END IF; END {tag};"
+            ).format(
+                tag=tag,
+                rel=relation,
+                n=sql.Literal(int(expected)),
+                msg=sql.Literal(f"{name}: % rows restored, the manifest says {int(expected)}"),
+            )
+        )
+    if revisions is not None:
+        blocks.append(
+            sql.SQL(
+                "DO {tag} BEGIN IF (SELECT array_agg(version_num::text ORDER BY 1) FROM "
+                "alembic_version) IS DISTINCT FROM {revs}::text[] THEN RAISE EXCEPTION {msg}; "
+                "END IF; END {tag};"
+            ).format(
+                tag=tag,
+                revs=sql.Literal(sorted(revisions) or None),
+                msg=sql.Literal("alembic_version does not hold the manifest's revisions"),
+            )
+        )
+    return "".join(block.as_string(conn) + "\n" for block in blocks)

@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING
 
 from psycopg2 import sql
 
-from rollback_cli.errors import OperationFailed
+from rollback_cli.errors import BackupError, OperationFailed
 from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import session_identity, user_schemas, user_tables
 from rollback_cli.postgres.clients import ClientTools, child_environment, error_tail
@@ -133,7 +133,13 @@ class WritersStopped:
         finally:
             conn.close()
 
-    def replace_with(self, artifact: Path, fmt: str, check: Callable[[PgConnection], None]) -> None:
+    def replace_with(
+        self,
+        artifact: Path,
+        fmt: str,
+        check: Callable[[PgConnection], None],
+        assertions: str = "",
+    ) -> None:
         """Refuse new connections, end every other session, then drop the user schemas and
         run the archive's SQL in the open transaction; commit if all of it succeeded.
 
@@ -147,14 +153,24 @@ class WritersStopped:
             preamble = plain_preamble(observer, user_schemas(observer), self.server_major)
             set_allow_connections(admin, live, False)
             try:
-                self._restore(artifact, fmt, preamble, spare=(self.pid, observer_pid(observer)))
+                self._restore(
+                    artifact,
+                    fmt,
+                    preamble,
+                    assertions,
+                    spare=(self.pid, observer_pid(observer)),
+                )
                 check(observer)
             finally:
                 set_allow_connections(admin, live, True)
         finally:
             observer.close()
 
-    def _restore(self, artifact: Path, fmt: str, preamble: str, spare: tuple[int, ...]) -> None:
+    def _restore(
+        self, artifact: Path, fmt: str, preamble: str, assertions: str, spare: tuple[int, ...]
+    ) -> None:
+        """The restore, then ``assertions`` (SQL that raises on a mismatch), then COMMIT:
+        anything failing before COMMIT leaves nothing committed."""
         assert self.process is not None and self._stderr is not None
         assert self.process.stdin is not None
         live = self.conninfo.dbname
@@ -169,7 +185,7 @@ class WritersStopped:
                 source,
                 producer,
                 self.process,
-                b"COMMIT;\n",
+                assertions.encode("utf-8") + b"COMMIT;\n",
                 guard=ScriptGuard(f"backup {artifact.name}"),
             )
             if source_code != 0:
@@ -177,6 +193,11 @@ class WritersStopped:
                 raise OperationFailed(f"restore into {live} failed: {reason}")
         if code != 0:
             reason = error_tail(self._stderr, f"exit {code}")
+            if "the manifest says" in reason or "manifest's revisions" in reason:
+                # The backup restored, but not into what its manifest describes.
+                raise BackupError(
+                    f"the backup does not match its manifest ({reason}); nothing was committed"
+                )
             raise OperationFailed(f"restore into {live} failed: {reason}")
 
     def __exit__(

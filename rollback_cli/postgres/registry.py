@@ -33,9 +33,11 @@ RECORD_PREFIX = "db-rollback artifact "
 RECORD_VERSION = 1
 SCRATCH = "scratch"  # restored copy a data rollback swaps in
 VERIFY = "verify"  # restored copy of a restore test
+REHEARSAL = "rehearsal"  # schema copy a schema rollback rehearses its downgrade on
 KEPT = "kept"  # the database a swap replaced, kept for `rollback undo`
 INPLACE = "in-place"  # on the live database while an in-place restore refuses connections
 BUSY = "busy"  # on the live database while a swap rollback builds its scratch copy
+KINDS = frozenset({SCRATCH, VERIFY, REHEARSAL, KEPT, INPLACE, BUSY})
 SWAPPING = "swapping"
 
 
@@ -67,13 +69,7 @@ class ArtifactRecord:
             record = cls(**data)
         except (ValueError, TypeError):
             return None
-        if record.version != RECORD_VERSION or record.kind not in (
-            SCRATCH,
-            VERIFY,
-            KEPT,
-            INPLACE,
-            BUSY,
-        ):
+        if record.version != RECORD_VERSION or record.kind not in KINDS:
             return None
         return record
 

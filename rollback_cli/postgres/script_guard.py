@@ -22,10 +22,14 @@ from collections.abc import Iterable, Iterator
 from rollback_cli.errors import BackupError
 
 _RESTRICT = re.compile(rb"^\\(restrict|unrestrict) [A-Za-z0-9]+\r?\n?$")
-_COPY_FROM_STDIN = re.compile(rb"^\s*COPY\b.*\bFROM\s+stdin\b", re.IGNORECASE | re.DOTALL)
-_SCS_OFF = re.compile(
-    rb"\bstandard_conforming_strings\b\s*(=|\bTO\b)\s*'?(off|false|0)'?", re.IGNORECASE
+# Only pg_dump's own form: COPY table [(columns)] FROM stdin (no query in parentheses).
+_COPY_FROM_STDIN = re.compile(
+    rb'^\s*COPY\s+(?:ONLY\s+)?(?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*)'
+    rb'(?:\.(?:"(?:[^"]|"")+"|[A-Za-z_\x80-\xff][\w$\x80-\xff]*))?'
+    rb"\s*(?:\([^()]*\))?\s+FROM\s+stdin\s*$",
+    re.IGNORECASE,
 )
+_SCS_PG_DUMP = re.compile(rb"^\s*SET\s+standard_conforming_strings\s*=\s*on\s*$", re.IGNORECASE)
 _DOLLAR_TAG = re.compile(rb"\$([A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
 
@@ -36,10 +40,50 @@ class UnsafeScript(BackupError):
 
 class ScriptGuard:
     """Feed a script line by line (bytes, with their newline); :meth:`check` raises
-    UnsafeScript at the first line psql would treat as a meta-command."""
+    UnsafeScript at the first line psql would treat as a meta-command.
+
+    The script is lexed twice, with ``standard_conforming_strings`` on and off (psql follows
+    the server's setting, which a script can change in ways no pattern can list, e.g. by
+    dynamic SQL): a line is refused when either reading finds a meta-command."""
 
     def __init__(self, source: str = "the backup") -> None:
         self.source = source
+        self.line_number = 0
+        self._readings = (_Lexer(source, scs_off=False), _Lexer(source, scs_off=True))
+
+    def check(self, line: bytes) -> None:
+        self.line_number += 1
+        if b"\x00" in line:
+            raise UnsafeScript(
+                f"{self.source} holds a NUL byte (line {self.line_number}), which pg_dump never "
+                "writes and psql reads as the end of the line; refused, nothing was restored"
+            )
+        for reading in self._readings:
+            reading.check(line)
+
+    def check_all(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self.check(line)
+        self.finish()
+
+    def finish(self) -> None:
+        for reading in self._readings:
+            reading.finish()
+
+    def filtered(self, lines: Iterable[bytes]) -> Iterator[bytes]:
+        """``lines``, each checked before it is passed on."""
+        for line in lines:
+            self.check(line)
+            yield line
+        self.finish()
+
+
+class _Lexer:
+    """One reading of the script, following psql's lexer."""
+
+    def __init__(self, source: str, *, scs_off: bool) -> None:
+        self.source = source
+        self.scs_off = scs_off
         self.line_number = 0
         self._copy_data = False
         self._quote: bytes | None = None  # b"'", b"E'", b'"' or a dollar tag
@@ -136,13 +180,16 @@ class ScriptGuard:
             command = line[i:].split(None, 1)[0].decode("utf-8", "replace")
             self._refuse(f"the psql meta-command {command[:20]!r}")
         if line.startswith(b"--", i):
-            return len(line)  # a comment to the end of the line
+            # psql ends a comment at a carriage return as well as at a newline.
+            end = line.find(b"\r", i)
+            return len(line) if end == -1 else end + 1
         if line.startswith(b"/*", i):
             self._block_comments = 1
             return i + 2
         if char in (b"'", b'"'):
             escape = char == b"'" and i > 0 and line[i - 1 : i] in (b"E", b"e")
             escape = escape and not (i > 1 and _IDENT_CHAR.match(line[i - 2 : i - 1]))
+            escape = escape or (char == b"'" and self.scs_off)
             self._quote = b"E'" if escape else char
             self._statement += char
             return i + 1
@@ -160,8 +207,10 @@ class ScriptGuard:
     def _end_statement(self) -> None:
         statement = bytes(self._statement)
         self._statement.clear()
-        if _SCS_OFF.search(statement):
-            self._refuse("standard_conforming_strings turned off (pg_dump never does)")
+        if re.search(rb"standard_conforming_strings", statement, re.IGNORECASE) and not (
+            _SCS_PG_DUMP.match(statement)
+        ):
+            self._refuse("a change of standard_conforming_strings (pg_dump only turns it on)")
         if _COPY_FROM_STDIN.match(statement):
             self._copy_data = True
 

@@ -79,7 +79,9 @@ def stray_copies(conn: PgConnection, dbname: str) -> list[str]:
     """Scratch and verify databases of ``dbname`` whose run has ended."""
     return [
         a.name
-        for a in registry.artifacts_of(conn, dbname, registry.SCRATCH, registry.VERIFY)
+        for a in registry.artifacts_of(
+            conn, dbname, registry.SCRATCH, registry.VERIFY, registry.REHEARSAL
+        )
         if not registry.run_is_alive(conn, a.record)
     ]
 

@@ -16,6 +16,7 @@ from rollback_cli.log import step
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import (
     DatabaseLevelState,
+    count_assertions,
     database_oid,
     database_properties,
     is_member_of,
@@ -243,7 +244,11 @@ def check_privileges(ctx: RollbackContext) -> None:
             if not ok
         ]
         if missing:
-            alternative = "; or use --strategy in-place, which needs no CREATEDB" if owner else ""
+            # In place needs no CREATEDB, but ends sessions and needs ownership too.
+            only_createdb = [name for name, _ in missing] == ["CREATEDB"]
+            alternative = (
+                "; or use --strategy in-place (no CREATEDB needed)" if only_createdb else ""
+            )
             raise Refused(
                 f"swap rollback needs {', '.join(name for name, _ in missing)}",
                 hint="run " + "; ".join(fix for _, fix in missing) + alternative,
@@ -353,10 +358,16 @@ def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: Rollb
             )
             try:
                 with step("restore-in-place"):
+                    manifest = backup.manifest
                     writers.replace_with(
                         backup.local,
                         backup.manifest.format,
                         lambda conn: _check_in_place(conn, db, backup, result),
+                        count_assertions(
+                            admin,
+                            manifest.row_counts,
+                            manifest.alembic_revisions if manifest.type != "data" else None,
+                        ),
                     )
             finally:
                 set_comment(admin, db, comment)

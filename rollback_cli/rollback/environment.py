@@ -86,12 +86,22 @@ def isolated_from_application() -> Iterator[io.StringIO]:
 
 @contextlib.contextmanager
 def owned_environment(
-    expected: ConnInfo, lock_timeout_ms: int, statement_timeout_ms: int
+    expected: ConnInfo,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    *,
+    redirect_from: ConnInfo | None = None,
+    url: str | None = None,
 ) -> Iterator[OwnedEnvironment]:
     """While the block runs, every connection env.py configures Alembic with must reach
-    ``expected``; it gets the timeouts, and its statements are recorded."""
+    ``expected``; it gets the timeouts, and its statements are recorded.
+
+    With ``redirect_from`` (a rehearsal): a connection env.py opened to that database (it
+    builds its own engine from its own settings) is replaced by one of ours to
+    ``expected`` (at ``url``), so the rehearsal never runs on the live database."""
     from alembic.runtime.environment import EnvironmentContext
-    from sqlalchemy import event
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.pool import NullPool
 
     ours = connect(expected)
     try:
@@ -99,12 +109,32 @@ def owned_environment(
         setup = timeout_statements(ours, lock_timeout_ms, statement_timeout_ms)
     finally:
         ours.close()
+    redirected: tuple[str, ...] | None = None
+    if redirect_from is not None:
+        live = connect(redirect_from)
+        try:
+            redirected = identity(live)
+        finally:
+            live.close()
     owned = OwnedEnvironment(expected=expected.dbname)
+    # What the operator calls the target: the live database, even when a rehearsal runs
+    # on its copy.
+    label = redirect_from.dbname if redirect_from is not None else expected.dbname
     original = EnvironmentContext.configure
+    opened: list[Any] = []
 
     def configure(self: Any, connection: Any = None, *args: Any, **kwargs: Any) -> Any:
         if connection is not None:
-            _take(connection, wanted, setup, expected.dbname)
+            if (
+                redirected is not None
+                and url is not None
+                and _identity_of(connection) == redirected
+            ):
+                engine = create_engine(url, poolclass=NullPool)
+                connection = engine.connect()
+                opened.append(connection)
+                get_logger().info("the migration environment's connection redirected to the copy")
+            _take(connection, wanted, setup, label)
             _record(event, connection, owned)
             owned.connections += 1
         return original(self, connection, *args, **kwargs)
@@ -114,17 +144,27 @@ def owned_environment(
         yield owned
     finally:
         EnvironmentContext.configure = original  # type: ignore[method-assign]
+        for connection in opened:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+def _identity_of(connection: Any) -> tuple[str, ...]:
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(IDENTITY_QUERY)
+        row = cursor.fetchone()
+        return tuple(str(value) for value in row) if row else ()
+    finally:
+        cursor.close()
 
 
 def _take(connection: Any, wanted: tuple[str, ...], setup: list[str], dbname: str) -> None:
     """Prove ``connection`` reaches the target, then set the timeouts, through the driver's
     own cursor (so no SQLAlchemy transaction is started or ended behind env.py's back)."""
-    raw = connection.connection.dbapi_connection
-    cursor = raw.cursor()
+    found = _identity_of(connection)
+    cursor = connection.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(IDENTITY_QUERY)
-        row = cursor.fetchone()
-        found = tuple(str(value) for value in row) if row else ()
         if found != wanted:
             where = f"database {found[0]!r}" if found else "an unknown database"
             raise Refused(

@@ -50,6 +50,8 @@ class RollbackOptions:
     allow_cross_environment: bool = False
     allow_other_database: bool = False
     no_safety_backup: bool = False
+    no_rehearsal: bool = False
+    accept_data_loss: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     checks_file: Path | None = None
 
@@ -66,6 +68,7 @@ class RollbackResult:
     kept_database: str | None = None
     unavailable_ms: float | None = None
     reverted: list[dict[str, Any]] = field(default_factory=list)
+    rehearsal: dict[str, Any] | None = None
     validation: list[Check] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -91,6 +94,7 @@ class RollbackResult:
             if self.unavailable_ms is not None
             else None,
             "reverted": self.reverted,
+            "rehearsal": self.rehearsal,
             "validation": [c.to_dict() for c in self.validation],
             "warnings": self.warnings,
         }

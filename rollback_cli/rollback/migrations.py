@@ -250,7 +250,13 @@ def _describe_drop(statement: str) -> str:
 
 
 def downgrade(
-    config: Config, target: str, url: str, expected: ConnInfo, timeouts: Timeouts
+    config: Config,
+    target: str,
+    url: str,
+    expected: ConnInfo,
+    timeouts: Timeouts,
+    *,
+    redirect_from: ConnInfo | None = None,
 ) -> OwnedEnvironment:
     """Run the downgrade in-process through the project's env.py, on a connection proven to
     reach ``expected`` and bounded by ``timeouts``; failures become OperationFailed (the
@@ -262,7 +268,11 @@ def downgrade(
         with (
             database_url_env(url),
             owned_environment(
-                expected, timeouts.lock_timeout_ms, timeouts.statement_timeout_ms
+                expected,
+                timeouts.lock_timeout_ms,
+                timeouts.statement_timeout_ms,
+                redirect_from=redirect_from,
+                url=url,
             ) as owned,
             isolated_from_application(),
         ):

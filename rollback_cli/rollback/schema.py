@@ -15,6 +15,7 @@ from rollback_cli.rollback.lifecycle import (
     current_revisions,
     plan_safety_backup,
 )
+from rollback_cli.rollback.rehearsal import rehearse
 
 if TYPE_CHECKING:
     from rollback_cli.backups.manifest import Manifest
@@ -53,6 +54,7 @@ class SchemaRollback(Procedure):
         self.downgrade = plan_downgrade(
             self.ctx, result, self.to_revision, self.ctx.inspection.revisions
         )
+        plan_rehearsal(self.ctx, result, self.downgrade, self.ctx.inspection.revisions)
         result.plan_step("validate", f"alembic_version must equal {self.downgrade.target}")
 
     def apply(self, result: RollbackResult) -> None:
@@ -66,6 +68,41 @@ class SchemaRollback(Procedure):
     def revision_after(self, result: RollbackResult) -> str | None:
         assert self.downgrade is not None
         return self.downgrade.revision_after
+
+
+def plan_rehearsal(
+    ctx: RollbackContext, result: RollbackResult, downgrade: Downgrade, revisions: list[str]
+) -> None:
+    """Rehearse the downgrade on a schema copy (unless --no-rehearsal): the plan shows the
+    SQL that really ran and what it drops; dropping live data in a protected environment
+    needs --accept-data-loss."""
+    if ctx.options.no_rehearsal:
+        warning = "no rehearsal (--no-rehearsal): the downgrade runs untried on the live database"
+        result.warnings.append(warning)
+        result.plan_step("rehearsal", "skipped (--no-rehearsal)")
+        return
+    found = rehearse(ctx, downgrade.target, revisions)
+    result.rehearsal = found.to_document()
+    locks = sorted({s["lock"] for s in found.statements if s["lock"]})
+    result.plan_step(
+        "rehearsal",
+        f"ran on a copy of the schema in {found.duration_ms} ms: "
+        f"{len(found.statements)} statements" + (f"; locks {', '.join(locks)}" if locks else ""),
+    )
+    for drop in found.drops:
+        result.plan_step("drops", drop.describe())
+    at_risk = found.data_at_risk
+    if not at_risk:
+        return
+    lost = "; ".join(d.describe() for d in at_risk)
+    warning = f"the downgrade destroys live data: {lost}"
+    result.warnings.append(warning)
+    if ctx.target.is_protected and not ctx.options.accept_data_loss:
+        raise Refused(
+            f"{warning}; nothing was changed",
+            hint="pass --accept-data-loss to proceed, or use `rollback full` with a backup, "
+            "which keeps the data",
+        )
 
 
 def load_downgrade_config(ctx: RollbackContext) -> tuple[Any, str]:
