@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from click.testing import CliRunner, Result
 
@@ -22,6 +23,7 @@ from devtools.project import (
     sqlalchemy_url,
 )
 from rollback_cli.cli import cli
+from rollback_cli.storage.base import sha256_artifact, tree_size
 from tests.servers import TestDatabase
 
 # The revisions and bulk_orders_sql live in devtools (the benchmarks use them too).
@@ -32,8 +34,10 @@ __all__ = [
     "REV_TIER",
     "SEED_BULK",
     "Project",
+    "RoleDatabase",
     "bulk_orders_sql",
     "log_events",
+    "reseal",
     "tier_project",
 ]
 
@@ -131,6 +135,32 @@ class Project:
             for p in self.workdir.rglob("*")
             if "logs" not in p.parts
         )
+
+
+@dataclass
+class RoleDatabase(TestDatabase):
+    """The same database, reached as ``role`` instead of the superuser."""
+
+    role: str = ""
+    password: str = ""
+
+    @property
+    def url(self) -> str:
+        server = self.server
+        return (
+            f"postgresql://{self.role}:{quote(self.password, safe='')}"
+            f"@{server.host}:{server.port}/{quote(self.name, safe='')}"
+        )
+
+
+def reseal(backup: Path) -> None:
+    """Recompute size and sha256 in the manifest (of a file or a directory), as someone
+    with write access to the storage would; a signature, if any, is left as it was."""
+    manifest_path = Path(f"{backup}.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["size"] = tree_size(backup)
+    manifest["sha256"] = sha256_artifact(backup)
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def tier_project(db: TestDatabase, alembic_ini: Path, tmp_path: Path) -> Project:

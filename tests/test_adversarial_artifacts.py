@@ -8,9 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg2
 import pytest
@@ -18,7 +16,7 @@ import pytest
 from rollback_cli.errors import ExitCode
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.names import PRE_MARK, SCRATCH_MARK, VERIFY_MARK, derived_name
-from tests.rollback_helpers import REV_TIER, Project, tier_project
+from tests.rollback_helpers import REV_TIER, Project, RoleDatabase, tier_project
 from tests.servers import PostgresCluster, TestDatabase
 
 # --- helpers ------------------------------------------------------------------------------
@@ -29,22 +27,6 @@ def project15(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
     return tier_project(database15, alembic_project, tmp_path)
-
-
-@dataclass
-class RoleDatabase(TestDatabase):
-    """The same database, reached as ``role`` instead of the superuser."""
-
-    role: str = ""
-    password: str = ""
-
-    @property
-    def url(self) -> str:
-        server = self.server
-        return (
-            f"postgresql://{self.role}:{quote(self.password, safe='')}"
-            f"@{server.host}:{server.port}/{quote(self.name, safe='')}"
-        )
 
 
 @pytest.fixture

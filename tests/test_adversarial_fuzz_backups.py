@@ -57,8 +57,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from rollback_cli.storage.base import sha256_artifact, tree_size
-from tests.rollback_helpers import Project, tier_project
+from rollback_cli.storage.base import sha256_artifact
+from tests.rollback_helpers import Project, reseal, tier_project
 from tests.servers import TestDatabase
 
 KEY = "fuzz-signing-key-0123456789abcdef"
@@ -326,16 +326,6 @@ def artifact_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     return [path]
-
-
-def reseal(backup: Path) -> None:
-    """Recompute size and sha256 in the manifest (a file or a directory), as an attacker
-    with write access to the storage would; the signature, if any, is left as it was."""
-    manifest_path = Path(f"{backup}.json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["size"] = tree_size(backup)
-    manifest["sha256"] = sha256_artifact(backup)
-    manifest_path.write_text(json.dumps(manifest))
 
 
 def restricted(script: bytes) -> bytes:

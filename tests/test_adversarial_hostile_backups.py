@@ -3,8 +3,6 @@ anything outside the database, whatever command is handed it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 
 from rollback_cli.errors import ExitCode
 from rollback_cli.postgres.script_guard import ScriptGuard, UnsafeScript
-from tests.rollback_helpers import Project, tier_project
+from tests.rollback_helpers import Project, reseal, tier_project
 from tests.servers import TestDatabase
 
 TRAILER = b"-- PostgreSQL database dump complete"
@@ -23,16 +21,6 @@ def project15(
     database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:
     return tier_project(database15, alembic_project, tmp_path)
-
-
-def reseal(backup: Path) -> None:
-    """Recompute size and sha256 in the manifest, as an attacker with write access would."""
-    manifest_path = Path(f"{backup}.json")
-    manifest = json.loads(manifest_path.read_text())
-    data = backup.read_bytes()
-    manifest["size"] = len(data)
-    manifest["sha256"] = hashlib.sha256(data).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
 
 
 def tamper_plain(backup: Path, payload: bytes) -> None:

@@ -3,8 +3,6 @@ names one (--restore-url), so a backup's COPY ... TO PROGRAM cannot reach the se
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +11,7 @@ from urllib.parse import quote
 import pytest
 
 from rollback_cli.errors import ExitCode
-from tests.rollback_helpers import Project, tier_project
+from tests.rollback_helpers import Project, reseal, tier_project
 from tests.servers import TestDatabase
 
 PASSWORD = "own-Pa55:w/rd"
@@ -40,15 +38,6 @@ def owned(
         database15.drop_all()
         server.execute(f"DROP OWNED BY {role}")
         server.execute(f"DROP ROLE {role}")
-
-
-def reseal(backup: Path) -> None:
-    manifest_path = Path(f"{backup}.json")
-    manifest = json.loads(manifest_path.read_text())
-    data = backup.read_bytes()
-    manifest["size"] = len(data)
-    manifest["sha256"] = hashlib.sha256(data).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
 
 
 def test_rollback_restores_as_the_named_role(owned: tuple[Project, str]) -> None:

@@ -21,9 +21,7 @@ import sys
 import textwrap
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from click.testing import CliRunner
@@ -35,6 +33,7 @@ from tests.rollback_helpers import (
     REV_SEED,
     REV_TIER,
     Project,
+    RoleDatabase,
     log_events,
     tier_project,
 )
@@ -495,22 +494,6 @@ def test_drop_constraint_is_not_reported_as_a_column_drop(
 # --------------------------------------------------------------------------- 7: privileges
 
 
-@dataclass
-class _RoleDatabase(TestDatabase):
-    """The same database, reached as ``role`` instead of the superuser."""
-
-    role: str = ""
-    password: str = ""
-
-    @property
-    def url(self) -> str:
-        server = self.server
-        return (
-            f"postgresql://{self.role}:{quote(self.password, safe='')}"
-            f"@{server.host}:{server.port}/{self.name}"
-        )
-
-
 def test_swap_without_pg_signal_backend_names_it_not_createdb(
     database: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> None:
@@ -520,7 +503,7 @@ def test_swap_without_pg_signal_backend_names_it_not_createdb(
     server.execute(f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{password}'")
     server.execute(f"ALTER DATABASE {database.name} OWNER TO {role}")
     try:
-        db = _RoleDatabase(name=database.name, server=server, role=role, password=password)
+        db = RoleDatabase(name=database.name, server=server, role=role, password=password)
         project = tier_project(db, alembic_project, tmp_path)
         backup = project.backup()
         before, databases = snapshot(project), project.databases()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg2
 import pytest
@@ -23,6 +21,7 @@ from tests.rollback_helpers import (
     REV_SEED,
     REV_TIER,
     Project,
+    RoleDatabase,
     log_events,
     tier_project,
 )
@@ -584,22 +583,6 @@ def test_downgrade_failing_after_a_committed_step_needs_manual_attention(
     assert events[-1]["exit_code"] == 6
 
 
-@dataclass
-class _RoleDatabase(TestDatabase):
-    """The same database, reached as ``role`` instead of the superuser."""
-
-    role: str = ""
-    password: str = ""
-
-    @property
-    def url(self) -> str:
-        server = self.server
-        return (
-            f"postgresql://{self.role}:{quote(self.password, safe='')}"
-            f"@{server.host}:{server.port}/{self.name}"
-        )
-
-
 @pytest.mark.parametrize("strategy", ["swap", "in-place"])
 def test_data_rollback_as_the_usual_ci_role(
     database: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict, strategy: str
@@ -612,7 +595,7 @@ def test_data_rollback_as_the_usual_ci_role(
     server.execute(f"GRANT pg_signal_backend TO {role}")
     server.execute(f"ALTER DATABASE {database.name} OWNER TO {role}")
     try:
-        db = _RoleDatabase(name=database.name, server=server, role=role, password=password)
+        db = RoleDatabase(name=database.name, server=server, role=role, password=password)
         project = Project(db, alembic_project, tmp_path / "work")
         project.workdir.mkdir()
         project.upgrade(REV_TIER)  # the tables belong to the role, as in a real deployment
