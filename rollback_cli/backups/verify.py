@@ -133,11 +133,12 @@ def check_local(tools: ClientTools, local: Path, manifest: Manifest) -> list[Che
         )
     if manifest.archive_version and manifest.format != "plain":
         found = archive_version_of(local)
-        if found != manifest.archive_version:
+        # No archive header at all: pg_restore says what the file is not, below.
+        if found is not None and found != manifest.archive_version:
             # A header that differs from the one recorded at backup time is corruption, not
             # a client too old to read it.
             raise BackupError(
-                f"backup {manifest.file_name} has archive header version {found or 'none'}, "
+                f"backup {manifest.file_name} has archive header version {found}, "
                 f"its manifest recorded {manifest.archive_version}: corrupt or modified"
             )
     entries = check_archive_readable(tools, local, manifest.format)

@@ -366,6 +366,7 @@ def set_revisions(conn: PgConnection, revisions: list[str]) -> None:
 def count_assertions(
     conn: PgConnection, row_counts: dict[str, int], revisions: list[str] | None
 ) -> str:
+    # pg_dump's script empties search_path: every name here is schema-qualified.
     """SQL that raises unless every table holds the given number of rows (and
     alembic_version the given revisions): run inside a restore's transaction before its
     COMMIT, a restore that does not match its manifest is never committed."""
@@ -385,14 +386,17 @@ def count_assertions(
                 msg=sql.Literal(f"{name}: % rows restored, the manifest says {int(expected)}"),
             )
         )
-    if revisions is not None:
+    version_tables = [name for name in row_counts if name.endswith(".alembic_version")]
+    if revisions is not None and len(version_tables) == 1:
+        schema, _, table = version_tables[0].partition(".")
         blocks.append(
             sql.SQL(
                 "DO {tag} BEGIN IF (SELECT array_agg(version_num::text ORDER BY 1) FROM "
-                "alembic_version) IS DISTINCT FROM {revs}::text[] THEN RAISE EXCEPTION {msg}; "
+                "{rel}) IS DISTINCT FROM {revs}::text[] THEN RAISE EXCEPTION {msg}; "
                 "END IF; END {tag};"
             ).format(
                 tag=tag,
+                rel=sql.Identifier(schema, table),
                 revs=sql.Literal(sorted(revisions) or None),
                 msg=sql.Literal("alembic_version does not hold the manifest's revisions"),
             )
