@@ -30,7 +30,12 @@ from rollback_cli.postgres.catalog import (
     set_revisions,
     table_row_counts,
 )
-from rollback_cli.postgres.clients import ClientTools, child_environment, find_client
+from rollback_cli.postgres.clients import (
+    ClientTools,
+    child_environment,
+    find_client,
+    newer_client,
+)
 from rollback_cli.postgres.connection import (
     RUN_LOCK_TIMEOUT_MS,
     connect,
@@ -106,17 +111,12 @@ def restored_copy(
     """
     conninfo = target.conninfo
     major = server_major(admin)
-    tools = find_client(major, target.pg_bin_dir)
-    if tools.major < archive_tools.major:
-        tools = archive_tools  # an archive only its own (newer) client can read
-    admin_superuser = role_privileges(admin)["superuser"]
-    superuser = restores_as_superuser(target, admin)  # the role the restore connects as
+    # An archive only its own (newer) client can read.
+    tools = newer_client(find_client(major, target.pg_bin_dir), archive_tools)
     live_exists = database_exists(admin, target.dbname)
     like = database_properties(admin, target.dbname) if live_exists else None
-    # The copy belongs to the live owner whenever this role may say so.
-    set_owner = like is not None and (admin_superuser or is_member_of(admin, like.owner))
-    # A restore role of its own acts as itself; otherwise act as the owner when we may.
-    acting_role = None if target.restore_conninfo else _acting_role(admin, like, superuser)
+    roles = restore_roles(admin, target, like)
+    superuser, acting_role = roles.superuser, roles.acting_role
     jobs = _bounded_jobs(admin, jobs)
     scratch = name or free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
@@ -126,7 +126,7 @@ def restored_copy(
                 admin,
                 scratch,
                 like,
-                set_owner=set_owner,
+                set_owner=roles.set_owner,
                 purpose=purpose,
             )
             record = registry.new_record(admin, kind, target.dbname, current_run_id())
@@ -160,11 +160,35 @@ def _bounded_jobs(admin: PgConnection, jobs: int) -> int:
     return jobs
 
 
-def restores_as_superuser(target: Target, admin: PgConnection) -> bool:
+@dataclass(frozen=True)
+class RestoreRoles:
+    """Who a restore into a copy of ``target`` runs as."""
+
+    #: the role restores connect as is a superuser (no --no-owner; SQL may reach the host)
+    superuser: bool
+    #: the copy can be created owned by the live database's owner
+    set_owner: bool
+    #: the role the restore acts as (the owner, when this role is a member of it)
+    acting_role: str | None
+
+
+def restore_roles(
+    admin: PgConnection, target: Target, like: DatabaseProperties | None
+) -> RestoreRoles:
+    admin_superuser = role_privileges(admin)["superuser"]
+    superuser = restores_as_superuser(target, admin_superuser)
+    set_owner = like is not None and (admin_superuser or is_member_of(admin, like.owner))
+    # A restore role of its own acts as itself; otherwise act as the owner when we may.
+    acting = None if target.restore_conninfo else _acting_role(admin, like, superuser)
+    return RestoreRoles(superuser, set_owner, acting)
+
+
+def restores_as_superuser(target: Target, connecting_role_is_superuser: bool) -> bool:
     """Whether the role restores connect as is a superuser (then a backup's SQL may reach
-    the server's host: COPY ... TO PROGRAM, untrusted languages)."""
+    the server's host: COPY ... TO PROGRAM, untrusted languages): the target's own role
+    unless a restore URL names another."""
     if target.restore_conninfo is None:
-        return role_privileges(admin)["superuser"]
+        return connecting_role_is_superuser
     conn = connect(target.restore_as)
     try:
         return role_privileges(conn)["superuser"]
@@ -242,18 +266,18 @@ def schema_copy(admin: PgConnection, target: Target, revisions: list[str]) -> It
     revisions), dropped when the block ends: what a schema rollback rehearses on."""
     major = server_major(admin)
     tools = find_client(major, target.pg_bin_dir)
-    superuser = restores_as_superuser(target, admin)
     like = database_properties(admin, target.dbname)
-    set_owner = role_privileges(admin)["superuser"] or is_member_of(admin, like.owner)
-    acting_role = None if target.restore_conninfo else _acting_role(admin, like, superuser)
+    roles = restore_roles(admin, target, like)
     scratch = free_derived_name(admin, target.dbname, REHEARSAL_MARK)
     try:
         with step("schema-copy", scratch_database=scratch):
-            create_database_like(admin, scratch, like, set_owner=set_owner, purpose="the rehearsal")
+            create_database_like(
+                admin, scratch, like, set_owner=roles.set_owner, purpose="the rehearsal"
+            )
             record = registry.new_record(admin, registry.REHEARSAL, target.dbname, current_run_id())
             registry.write(admin, scratch, record)
             _carry_settings(admin, target.dbname, scratch, None, strict=False)
-            _copy_live_schema(tools, target, scratch, not superuser, major, acting_role)
+            _copy_live_schema(tools, target, scratch, not roles.superuser, major, roles.acting_role)
             conn = connect(target.conninfo, scratch)
             try:
                 set_revisions(conn, revisions)

@@ -25,6 +25,7 @@ from rollback_cli.checks import WARNING, Check
 from rollback_cli.errors import BackupError
 from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.postgres import registry
+from rollback_cli.postgres.catalog import role_privileges
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import maintenance_connection
 from rollback_cli.postgres.restore import check_archive_readable
@@ -205,7 +206,8 @@ def run_restore_test(
         admin = maintenance_connection(target.conninfo)
         note = ""
         try:
-            if not signed and restores_as_superuser(target, admin):
+            superuser = role_privileges(admin)["superuser"]
+            if not signed and restores_as_superuser(target, superuser):
                 note = (
                     "; its SQL ran with superuser rights and no signing key is configured "
                     "(configure DB_ROLLBACK_SIGNING_KEY, or --restore-url with the owner)"

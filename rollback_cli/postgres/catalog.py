@@ -174,12 +174,6 @@ def database_exists(conn: PgConnection, dbname: str) -> bool:
         return cur.fetchone() is not None
 
 
-def databases_starting_with(conn: PgConnection, prefix: str) -> list[str]:
-    with conn.cursor() as cur:
-        cur.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,))
-        return [str(r[0]) for r in cur.fetchall()]
-
-
 @dataclass(frozen=True)
 class DatabaseProperties:
     name: str
@@ -302,23 +296,6 @@ def risky_sessions(conn: PgConnection, dbname: str, seconds: int) -> list[tuple[
             (dbname, seconds),
         )
         return list(cur.fetchall())
-
-
-def run_boolean_check(conn: PgConnection, sql: str) -> tuple[bool, str]:
-    """Run an operator's check query, which must return one boolean: (passed, detail)."""
-    import psycopg2
-
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            row = cur.fetchone()
-    except psycopg2.Error as exc:
-        if not conn.autocommit:
-            conn.rollback()
-        return False, f"query failed: {str(exc).strip().splitlines()[0]}"
-    if row is None or len(row) != 1 or not isinstance(row[0], bool):
-        return False, f"expected one boolean, got {row!r}"
-    return bool(row[0]), "true" if row[0] else "returned false"
 
 
 def user_columns(conn: PgConnection) -> set[tuple[str, str, str]]:

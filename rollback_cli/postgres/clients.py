@@ -50,6 +50,11 @@ class ClientTools:
         return str(self.bin_dir / "psql")
 
 
+def newer_client(first: ClientTools, second: ClientTools) -> ClientTools:
+    """The newer of two client installations (the one that reads both's archives)."""
+    return second if second.major > first.major else first
+
+
 def client_version(pg_dump: Path) -> tuple[int, str] | None:
     try:
         out = subprocess.run(

@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate
 from rollback_cli.backups.manifest import Manifest
-from rollback_cli.backups.scratch import compare_on, restored_copy, restores_as_superuser
+from rollback_cli.backups.scratch import (
+    compare_on,
+    restore_roles,
+    restored_copy,
+    restores_as_superuser,
+)
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.checks import Check
 from rollback_cli.errors import BackupError, ManualAttention, Refused
@@ -19,9 +24,9 @@ from rollback_cli.postgres.catalog import (
     count_assertions,
     database_oid,
     database_properties,
-    is_member_of,
     read_database_state,
 )
+from rollback_cli.postgres.clients import newer_client
 from rollback_cli.postgres.connection import current_run_id, maintenance_connection
 from rollback_cli.postgres.ddl import set_comment
 from rollback_cli.postgres.inplace import WritersStopped
@@ -198,13 +203,7 @@ def verified_backup(ctx: RollbackContext, ref: str) -> Iterator[VerifiedBackup]:
 
 
 def restore_role_is_superuser(ctx: RollbackContext) -> bool:
-    if ctx.target.restore_conninfo is None:
-        return ctx.inspection.privileges["superuser"]
-    admin = maintenance_connection(ctx.target.conninfo)
-    try:
-        return restores_as_superuser(ctx.target, admin)
-    finally:
-        admin.close()
+    return restores_as_superuser(ctx.target, ctx.inspection.privileges["superuser"])
 
 
 def check_swap(ctx: RollbackContext) -> int:
@@ -334,15 +333,12 @@ def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: Rollb
     transaction that replaces everything; connections are refused only for that last part."""
     inspection = ctx.inspection
     db = inspection.dbname
-    tools = inspection.tools if inspection.tools.major >= backup.tools.major else backup.tools
+    tools = newer_client(inspection.tools, backup.tools)
     admin = maintenance_connection(ctx.target.conninfo)
     try:
-        superuser = restores_as_superuser(ctx.target, admin)
+        roles = restore_roles(admin, ctx.target, database_properties(admin, db))
+        superuser, role = roles.superuser, roles.acting_role
         comment = read_database_state(admin, db).comment
-        owner = database_properties(admin, db).owner
-        role = None
-        if not superuser and ctx.target.restore_conninfo is None and is_member_of(admin, owner):
-            role = owner
         with WritersStopped(
             tools,
             ctx.target.restore_as,

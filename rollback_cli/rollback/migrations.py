@@ -129,10 +129,6 @@ def known_revision(script: ScriptDirectory, revision: str) -> bool:
         return False
 
 
-def head_revisions(path: Path) -> list[str]:
-    return list(script_directory(load_config(path)).get_heads())
-
-
 @contextmanager
 def database_url_env(url: str) -> Iterator[None]:
     """env.py files often read DATABASE_URL; hand them the driver-qualified URL meanwhile."""
