@@ -227,6 +227,9 @@ class Target:
     #: without superuser rights, so that nothing a backup holds can run on the server's
     #: host (``COPY ... TO PROGRAM`` needs a superuser; ``SET ROLE`` is no boundary)
     restore_conninfo: ConnInfo | None = None
+    #: the migration scripts without an ini file: ``package.module:path`` of an installed
+    #: package, or a directory (overrides the ini's ``script_location`` when both are given)
+    alembic_script_location: str | None = None
 
     @classmethod
     def resolve(
@@ -238,6 +241,7 @@ class Target:
         alembic_config: Path = Path("alembic.ini"),
         environ: dict[str, str] | os._Environ[str] | None = None,
         restore_url: str | None = None,
+        alembic_script_location: str | None = None,
     ) -> Target:
         """A target from a URL (or libpq's PG* variables); raises ConfigError (exit 3).
         ``restore_url`` names the role restores connect as (its host, port and TLS settings
@@ -258,6 +262,7 @@ class Target:
             pg_bin_dir,
             alembic_config,
             restore,
+            alembic_script_location or None,
         )
 
     @property

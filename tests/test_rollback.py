@@ -395,18 +395,19 @@ def test_schema_rollback_with_partial_revision(project: Project) -> None:
 
 
 @pytest.mark.parametrize(
-    ("target", "expected"),
+    ("target", "expected", "code"),
     [
-        ("ffffffffffff", "unknown revision"),
-        (REV_DROP_EMAIL, "not an ancestor"),
+        ("ffffffffffff", "unknown revision", 2),  # a typo is a usage error
+        ("zz@head", "unknown revision", 2),
+        (REV_DROP_EMAIL, "not an ancestor", 7),  # going forward is refused
     ],
 )
 def test_schema_rollback_refuses_bad_targets(
-    project15: Project, target: str, expected: str
+    project15: Project, target: str, expected: str, code: int
 ) -> None:
     project = project15
     result = project.run("rollback", "schema", "--to-revision", target)
-    assert result.exit_code == 7
+    assert result.exit_code == code, result.stderr
     assert expected in result.stderr
     assert REV_TIER in result.stderr  # the message names the current revision
     assert project.revision() == REV_TIER

@@ -244,7 +244,7 @@ def _restore(
     no_owner = not superuser
     try:
         if manifest.type == "data":
-            _copy_live_schema(tools, target, scratch, no_owner, major, acting_role)
+            _copy_live(tools, target, scratch, no_owner, major, acting_role)
         restore_into(
             tools,
             target.restore_as,
@@ -261,28 +261,52 @@ def _restore(
 
 
 @contextmanager
-def schema_copy(admin: PgConnection, target: Target, revisions: list[str]) -> Iterator[str]:
-    """A registered scratch database holding the live database's schema (and its Alembic
-    revisions), dropped when the block ends: what a schema rollback rehearses on."""
+def schema_copy(
+    admin: PgConnection,
+    target: Target,
+    revisions: list[str],
+    *,
+    with_data: bool = False,
+    backup: tuple[ClientTools, Path, str] | None = None,
+) -> Iterator[str]:
+    """A registered scratch database to rehearse on, dropped when the block ends: the live
+    database's schema (and its Alembic revisions), its data too ``with_data``, or the whole
+    of ``backup`` (archive tools, local file, format) when given."""
     major = server_major(admin)
     tools = find_client(major, target.pg_bin_dir)
     like = database_properties(admin, target.dbname)
     roles = restore_roles(admin, target, like)
     scratch = free_derived_name(admin, target.dbname, REHEARSAL_MARK)
     try:
-        with step("schema-copy", scratch_database=scratch):
+        with step("rehearsal-copy", scratch_database=scratch, with_data=with_data):
             create_database_like(
                 admin, scratch, like, set_owner=roles.set_owner, purpose="the rehearsal"
             )
             record = registry.new_record(admin, registry.REHEARSAL, target.dbname, current_run_id())
             registry.write(admin, scratch, record)
             _carry_settings(admin, target.dbname, scratch, None, strict=False)
-            _copy_live_schema(tools, target, scratch, not roles.superuser, major, roles.acting_role)
-            conn = connect(target.conninfo, scratch)
-            try:
-                set_revisions(conn, revisions)
-            finally:
-                conn.close()
+            if backup is not None:
+                archive_tools, local, fmt = backup
+                restore_into(
+                    newer_client(tools, archive_tools),
+                    target.restore_as,
+                    scratch,
+                    local,
+                    fmt,
+                    no_owner=not roles.superuser,
+                    server_major_version=major,
+                    role=roles.acting_role,
+                )
+            else:
+                _copy_live(
+                    tools, target, scratch, not roles.superuser, major, roles.acting_role, with_data
+                )
+                if not with_data:
+                    conn = connect(target.conninfo, scratch)
+                    try:
+                        set_revisions(conn, revisions)
+                    finally:
+                        conn.close()
         yield scratch
     finally:
         _drop_quietly(admin, scratch)
@@ -296,22 +320,24 @@ def _drop_quietly(conn: PgConnection, name: str) -> None:
         get_logger().warning("could not drop scratch database", database=name, error=str(exc))
 
 
-def _copy_live_schema(
+def _copy_live(
     tools: ClientTools,
     target: Target,
     scratch: str,
     no_owner: bool,
     major: int,
     acting_role: str | None,
+    with_data: bool = False,
 ) -> None:
-    """A data-only backup is restored into a copy of the live database's schema."""
+    """The live database's schema (and data ``with_data``), dumped and restored into
+    ``scratch``: what a rehearsal runs on, and what a data-only backup is restored into."""
     conninfo = target.conninfo
     with tempfile.TemporaryDirectory(prefix="db-rollback-schema-") as temp_dir:
         schema_file = Path(temp_dir) / "schema.dump"
         argv = [
             tools.pg_dump,
             "--no-password",
-            "--schema-only",
+            *(["--compress=0"] if with_data else ["--schema-only"]),
             "--format=custom",
             f"--file={schema_file}",
         ]

@@ -50,6 +50,24 @@ class OwnedEnvironment:
     expected: str
     statements: list[ExecutedStatement] = field(default_factory=list)
     connections: int = 0
+    #: the version table env.py configured (``schema.table`` or ``table``)
+    version_table: str = "alembic_version"
+    #: the revisions in the version table after the last migration step (Alembic's own)
+    heads_after: list[str] | None = None
+
+    def attribute(self, revision: str) -> None:
+        """The statements not yet attributed ran for ``revision`` (Alembic reports each
+        migration step once it is applied)."""
+        for statement in reversed(self.statements):
+            if statement.revision is not None:
+                break
+            statement.revision = revision
+
+    def by_revision(self) -> dict[str | None, list[ExecutedStatement]]:
+        grouped: dict[str | None, list[ExecutedStatement]] = {}
+        for statement in self.statements:
+            grouped.setdefault(statement.revision, []).append(statement)
+        return grouped
 
 
 @contextlib.contextmanager
@@ -137,6 +155,10 @@ def owned_environment(
             _take(connection, wanted, setup, label)
             _record(event, connection, owned)
             owned.connections += 1
+            kwargs["on_version_apply"] = _attributing(owned, kwargs.get("on_version_apply"))
+            table = kwargs.get("version_table") or "alembic_version"
+            schema = kwargs.get("version_table_schema")
+            owned.version_table = f"{schema}.{table}" if schema else table
         return original(self, connection, *args, **kwargs)
 
     EnvironmentContext.configure = configure  # type: ignore[method-assign]
@@ -147,6 +169,25 @@ def owned_environment(
         for connection in opened:
             with contextlib.suppress(Exception):
                 connection.close()
+
+
+def _attributing(owned: OwnedEnvironment, theirs: Any) -> Any:
+    """An ``on_version_apply`` callback that attributes the statements to the migration
+    step that ran them, then calls env.py's own callback(s)."""
+    if theirs is None:
+        callbacks = []
+    elif isinstance(theirs, list | tuple):
+        callbacks = list(theirs)
+    else:
+        callbacks = [theirs]
+
+    def applied(*, ctx: Any, step: Any, heads: Any, run_args: Any) -> None:
+        owned.attribute(step.up_revision_id or ",".join(step.up_revision_ids))
+        owned.heads_after = sorted(heads)
+        for callback in callbacks:
+            callback(ctx=ctx, step=step, heads=heads, run_args=run_args)
+
+    return [applied]
 
 
 def _identity_of(connection: Any) -> tuple[str, ...]:

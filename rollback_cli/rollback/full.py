@@ -45,7 +45,7 @@ class FullRollback(DataRollback):
         script = migrations.script_directory(config)
         try:
             resolved = migrations.resolve_target(script, self.to_revision, from_revisions)
-        except Refused:
+        except migrations.NotBehind:
             # Not an ancestor of the backup's revision: newer (refuse) or unrelated (refuse).
             raise Refused(
                 f"the backup's revision {','.join(from_revisions)} is older than or unrelated "

@@ -4,7 +4,8 @@ alembic and sqlalchemy are imported inside the functions that use them: they are
 
 The URL handed to env.py names the installed driver (``postgresql+psycopg2://``) unless
 the user chose one, because SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3.
-Timeouts travel as libpq ``options`` in that URL, so they apply whatever env.py does.
+The run's timeouts are set on the connection env.py configures Alembic with (see
+environment.py), not in the URL: async drivers reject libpq's ``options``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    from rollback_cli.settings import ConnInfo
+    from rollback_cli.settings import ConnInfo, Target
 
 BASE = "base"
 _DROP = re.compile(r"\bDROP\s+(TABLE|COLUMN)\b(?:\s+IF\s+EXISTS)?\s+([\w.\"]+)?", re.IGNORECASE)
@@ -75,33 +76,66 @@ class RevisionStep:
         }
 
 
-def alembic_url(conninfo: ConnInfo, timeouts: Timeouts | None = None) -> str:
-    options = dict(conninfo.options)
-    if timeouts is not None:
-        pg_options = options.get("options", "")
-        pg_options += f" -c lock_timeout={timeouts.lock_timeout_ms}"
-        pg_options += f" -c statement_timeout={timeouts.statement_timeout_ms}"
-        options["options"] = pg_options.strip()
-    info = replace(conninfo, options=tuple(sorted(options.items())))
-    return info.to_url(driver=conninfo.driver or "psycopg2")
+def alembic_url(conninfo: ConnInfo) -> str:
+    return conninfo.to_url(driver=conninfo.driver or "psycopg2")
 
 
-def load_config(path: Path, url: str | None = None) -> Config:
+def load_config(
+    path: Path, url: str | None = None, *, script_location: str | None = None
+) -> Config:
+    """The project's Alembic config: ``path`` (an ini file), or only ``script_location``
+    (``package.module:path`` of an installed package, or a directory) when there is no ini.
+
+    A relative ``script_location`` that does not exist from the working directory is read
+    from the ini's own directory: packaged ini files are written that way."""
     from alembic.config import Config
 
-    if not path.is_file():
-        raise ConfigError(f"Alembic config {path} not found (set --alembic-config)")
-    config = Config(str(path))
+    if script_location is None and not path.is_file():
+        raise ConfigError(
+            f"Alembic config {path} not found (set --alembic-config, or "
+            "--alembic-script-location for migrations without an ini file)"
+        )
+    config = Config(str(path)) if path.is_file() else Config()
     # The template env.py calls fileConfig(), which would replace our log handlers.
     config.attributes["configure_logger"] = False
     try:
         config.file_config  # noqa: B018 - parse now, so a malformed file is a config error
+        if script_location is not None:
+            config.set_main_option("script_location", script_location.replace("%", "%%"))
+        elif path.is_file():
+            _anchor_to_ini(config, path)
         if url is not None:
             config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     except configparser.Error as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"Alembic config {path} cannot be read: {reason}") from None
     return config
+
+
+def target_config(target: Target, url: str | None = None) -> Config:
+    """The Alembic config of ``target``'s project (``--alembic-config`` and
+    ``--alembic-script-location``)."""
+    return load_config(target.alembic_config, url, script_location=target.alembic_script_location)
+
+
+def _anchor_to_ini(config: Config, path: Path) -> None:
+    """Resolve a relative ``script_location`` from the ini's directory when it does not
+    exist from the working directory (Alembic reads it from the working directory)."""
+    location = config.get_main_option("script_location")
+    if not location or _is_package_location(location):
+        return
+    given = Path(location)
+    if given.is_absolute() or given.is_dir():
+        return
+    anchored = path.resolve().parent / given
+    if anchored.is_dir():
+        config.set_main_option("script_location", str(anchored).replace("%", "%%"))
+
+
+def _is_package_location(location: str) -> bool:
+    """``package.module:path`` (Alembic resolves it through the installed package)."""
+    head, sep, _ = location.partition(":")
+    return bool(sep) and bool(re.fullmatch(r"[A-Za-z_][\w.]*", head)) and len(head) > 1
 
 
 def script_directory(config: Config) -> ScriptDirectory:
@@ -143,41 +177,59 @@ def database_url_env(url: str) -> Iterator[None]:
             os.environ["DATABASE_URL"] = previous
 
 
+class NotBehind(Refused):
+    """The target revision is not an ancestor of the current one."""
+
+
 def resolve_target(script: ScriptDirectory, target: str, current: list[str]) -> str:
-    """The full id of ``target`` (partial ids allowed); refuse what is not a downgrade target."""
+    """The full id of ``target``: a revision, a unique prefix of one, ``branch@rev`` or
+    ``base``. An unknown or ambiguous target is a usage error (exit 2) that names the
+    choices; a database at a revision these scripts do not know, or a target that is not
+    behind the current revision, is refused (exit 7)."""
+    from alembic.script.revision import RevisionError
     from alembic.util.exc import CommandError
 
     if not target or not target.strip():
         raise UsageError("--to-revision must not be empty")
     heads = ",".join(script.get_heads()) or "none"
     here = ",".join(current) or "none"
+    if not current:
+        raise Refused(
+            f"the database has no Alembic revision; cannot downgrade to {target} (heads {heads})"
+        )
+    for head in current:
+        if not known_revision(script, head):
+            raise Refused(
+                f"the database is at revision {head}, which these Alembic scripts do not know "
+                f"(heads {heads}): point --alembic-config/--alembic-script-location at the "
+                "scripts of the deployed code (or check out the release that added it); "
+                "nothing was changed"
+            )
     if target == BASE:
         return BASE
     try:
-        revision = script.get_revision(target)
-    except CommandError as exc:
-        reason = "unknown revision" if "locate" in str(exc) else "ambiguous revision"
-        raise Refused(f"{reason} {target!r}: {exc} (current {here}, heads {heads})") from None
-    if revision is None:
-        raise Refused(f"unknown revision {target!r} (current {here}, heads {heads})")
-    full = revision.revision
-    if not current:
-        raise Refused(
-            f"the database has no Alembic revision; cannot downgrade to {full} (heads {heads})"
-        )
-    for head in current:
-        try:
-            script.get_revision(head)
-        except CommandError:
-            raise Refused(
-                f"the database is at revision {head}, which these Alembic scripts do "
-                f"not know (heads {heads}); wrong --alembic-config?"
+        found = script.get_revisions(target)
+    except (CommandError, RevisionError) as exc:
+        reason = " ".join(str(exc).split())
+        if "multiple" in reason.lower():
+            raise UsageError(
+                f"ambiguous revision {target!r}: {reason}; give more characters "
+                f"(current {here}, heads {heads})"
             ) from None
+        raise UsageError(
+            f"unknown revision {target!r} (current {here}, heads {heads}): {reason}"
+        ) from None
+    if len(found) != 1 or found[0] is None:
+        choices = ", ".join(r.revision for r in found if r is not None) or "none"
+        raise UsageError(
+            f"revision {target!r} names {len(found)} revisions ({choices}): name one of them"
+        )
+    full = found[0].revision
     ancestors: set[str] = set()
     for head in current:
         ancestors.update(r.revision for r in script.iterate_revisions(head, BASE))
     if full not in ancestors:
-        raise Refused(
+        raise NotBehind(
             f"revision {full} is not an ancestor of the current revision {here} "
             f"(heads {heads}); a schema rollback only goes back"
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rollback_cli.backups.scratch import schema_copy
 from rollback_cli.errors import OperationFailed, Refused, RollbackError
@@ -20,9 +20,11 @@ from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import count_values, user_columns
 from rollback_cli.postgres.connection import connect, maintenance_connection
 from rollback_cli.rollback import migrations
+from rollback_cli.rollback.environment import OwnedEnvironment
 
 if TYPE_CHECKING:
     from rollback_cli.rollback.lifecycle import RollbackContext
+    from rollback_cli.settings import ConnInfo
 
 _LOCKS = (
     (
@@ -51,6 +53,8 @@ class Drop:
     table: str
     column: str | None
     live_values: int
+    #: the revision whose downgrade dropped it (None when no statement names it)
+    revision: str | None = None
 
     def describe(self) -> str:
         what = (
@@ -61,30 +65,51 @@ class Drop:
         unit = "non-null values" if self.column else "rows"
         return f"{what} ({self.live_values} {unit} in the live database)"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "table": self.table,
+            "column": self.column,
+            "live_values": self.live_values,
+            "revision": self.revision,
+        }
+
 
 @dataclass
 class Rehearsal:
     duration_ms: float
+    #: what it ran on: "schema" (a copy of the live schema), "data" (of the live data too)
+    #: or "backup" (the backup a full rollback restores)
+    copy: str = "schema"
     statements: list[dict[str, Any]] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
+    #: the version table's revisions after the rehearsed downgrade (Alembic's own)
+    heads_after: list[str] | None = None
 
     @property
     def data_at_risk(self) -> list[Drop]:
         return [d for d in self.drops if d.live_values > 0]
 
+    def for_revision(self, revision: str) -> dict[str, Any]:
+        """What the rehearsal saw of one reverted revision: its statements, their time,
+        locks, and the drops with the live rows or values they destroy."""
+        statements = [s for s in self.statements if s["revision"] == revision]
+        drops = [d for d in self.drops if d.revision == revision]
+        return {
+            "executed_sql": [s["sql"] for s in statements],
+            "duration_ms": round(sum(s["duration_ms"] for s in statements), 1),
+            "locks": sorted({s["lock"] for s in statements if s["lock"]}),
+            "dropped": [d.to_dict() for d in drops],
+            "rows_at_risk": sum(d.live_values for d in drops),
+        }
+
     def to_document(self) -> dict[str, Any]:
         return {
             "duration_ms": self.duration_ms,
+            "copy": self.copy,
             "statements": self.statements,
-            "drops": [
-                {
-                    "schema": d.schema,
-                    "table": d.table,
-                    "column": d.column,
-                    "live_values": d.live_values,
-                }
-                for d in self.drops
-            ],
+            "drops": [d.to_dict() for d in self.drops],
+            "heads_after": self.heads_after,
         }
 
 
@@ -96,26 +121,27 @@ def lock_of(statement: str) -> str | None:
     return None
 
 
-def rehearse(ctx: RollbackContext, target_revision: str, revisions: list[str]) -> Rehearsal:
-    """Run the downgrade to ``target_revision`` on a schema copy; OperationFailed (exit 5)
-    when it fails there, with the live database untouched."""
+def rehearse(
+    ctx: RollbackContext,
+    target_revision: str,
+    revisions: list[str],
+    *,
+    backup: tuple[Any, Any, str] | None = None,
+) -> Rehearsal:
+    """Run the downgrade to ``target_revision`` on a copy (the live schema, its data too
+    with --rehearse-with-data, or ``backup`` restored); OperationFailed (exit 5) when it
+    fails there, with the live database untouched."""
+    with_data = ctx.options.rehearse_with_data
+    kind = "backup" if backup is not None else "data" if with_data else "schema"
     admin = maintenance_connection(ctx.target.conninfo)
     try:
-        with step("rehearsal") as details, schema_copy(admin, ctx.target, revisions) as copy:
+        with (
+            step("rehearsal", copy=kind) as details,
+            schema_copy(admin, ctx.target, revisions, with_data=with_data, backup=backup) as copy,
+        ):
             scratch = ctx.target.conninfo.with_dbname(copy)
             before = _columns(scratch)
-            url = migrations.alembic_url(scratch, ctx.options.timeouts)
-            config = migrations.load_config(ctx.target.alembic_config, url)
-            started = time.monotonic()
-            owned = migrations.downgrade(
-                config,
-                target_revision,
-                url,
-                scratch,
-                ctx.options.timeouts,
-                redirect_from=ctx.target.conninfo,
-            )
-            duration = round((time.monotonic() - started) * 1000, 1)
+            owned, duration = run_on_copy(ctx, scratch, target_revision)
             after = _columns(scratch)
             details.update(statements=len(owned.statements), downgrade_ms=duration)
     except Refused:
@@ -127,18 +153,52 @@ def rehearse(ctx: RollbackContext, target_revision: str, revisions: list[str]) -
         ) from None
     finally:
         admin.close()
-    rehearsal = Rehearsal(duration)
+    return _findings(ctx, kind, duration, owned, before, after)
+
+
+def run_on_copy(
+    ctx: RollbackContext, scratch: ConnInfo, target_revision: str
+) -> tuple[OwnedEnvironment, float]:
+    """The project's downgrade through its env.py on the copy ``scratch``; a connection
+    env.py opens to the live database is redirected to the copy."""
+    url = migrations.alembic_url(scratch)
+    config = migrations.target_config(ctx.target, url)
+    started = time.monotonic()
+    owned = migrations.downgrade(
+        config,
+        target_revision,
+        url,
+        scratch,
+        ctx.options.timeouts,
+        redirect_from=ctx.target.conninfo,
+    )
+    return owned, round((time.monotonic() - started) * 1000, 1)
+
+
+def _findings(
+    ctx: RollbackContext,
+    kind: str,
+    duration: float,
+    owned: OwnedEnvironment,
+    before: set[tuple[str, str, str]],
+    after: set[tuple[str, str, str]],
+) -> Rehearsal:
+    rehearsal = Rehearsal(duration, kind, heads_after=owned.heads_after)
+    version_table = owned.version_table.rpartition(".")[2]
     for statement in owned.statements:
-        if "alembic_version" in statement.sql:
+        if version_table in statement.sql:
             continue
         rehearsal.statements.append(
             {
+                "revision": statement.revision,
                 "sql": statement.sql,
                 "duration_ms": statement.duration_ms,
                 "lock": lock_of(statement.sql),
             }
         )
     rehearsal.drops = _drops(ctx, before, after)
+    for drop in rehearsal.drops:
+        drop.revision = _dropped_by(drop, rehearsal.statements)
     get_logger().info(
         "rehearsal finished",
         duration_ms=duration,
@@ -146,6 +206,22 @@ def rehearse(ctx: RollbackContext, target_revision: str, revisions: list[str]) -
         drops=[d.describe() for d in rehearsal.drops],
     )
     return rehearsal
+
+
+def _dropped_by(drop: Drop, statements: list[dict[str, Any]]) -> str | None:
+    """The revision of the first statement that drops what ``drop`` names."""
+    names = [drop.table] if drop.column is None else [drop.table, drop.column]
+    for statement in statements:
+        text = statement["sql"].replace('"', "")
+        if re.search(r"\bDROP\b", text, re.I) and all(
+            re.search(rf"\b{re.escape(name)}\b", text) for name in names
+        ):
+            return cast("str | None", statement["revision"])
+    # A table rebuilt by batch_alter_table (copy, drop, rename) names only the new table.
+    for statement in statements:
+        if re.search(rf"\b{re.escape(drop.table)}\b", statement["sql"].replace('"', "")):
+            return cast("str | None", statement["revision"])
+    return None
 
 
 def _columns(conninfo: Any) -> set[tuple[str, str, str]]:
@@ -167,8 +243,18 @@ def _drops(
         return []
     live = connect(ctx.target.conninfo)
     try:
-        drops = [Drop(s, t, None, count_values(live, s, t, None)) for s, t in dropped_tables]
-        drops += [Drop(s, t, c, count_values(live, s, t, c)) for s, t, c in dropped_columns]
+        # A full rollback rehearses on its backup: what the live database lacks holds nothing.
+        present = user_columns(live)
+        tables = {(s, t) for s, t, _ in present}
+
+        def count(schema: str, table: str, column: str | None) -> int:
+            there = (
+                (schema, table) in tables if column is None else (schema, table, column) in present
+            )
+            return count_values(live, schema, table, column) if there else 0
+
+        drops = [Drop(s, t, None, count(s, t, None)) for s, t in dropped_tables]
+        drops += [Drop(s, t, c, count(s, t, c)) for s, t, c in dropped_columns]
     finally:
         live.close()
     return drops

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ManualAttention, OperationFailed, Refused
@@ -15,7 +15,7 @@ from rollback_cli.rollback.lifecycle import (
     current_revisions,
     plan_safety_backup,
 )
-from rollback_cli.rollback.rehearsal import rehearse
+from rollback_cli.rollback.rehearsal import Drop, rehearse
 
 if TYPE_CHECKING:
     from rollback_cli.backups.manifest import Manifest
@@ -28,14 +28,18 @@ class Downgrade:
     config: Any
     target: str
     url: str
+    #: the version table's revisions after the rehearsed downgrade (several with branches)
+    after: tuple[str, ...] | None = None
 
     @property
     def expected_revisions(self) -> list[str]:
+        if self.after is not None:
+            return list(self.after)
         return [] if self.target == migrations.BASE else [self.target]
 
     @property
     def revision_after(self) -> str | None:
-        return None if self.target == migrations.BASE else self.target
+        return ",".join(self.expected_revisions) or None
 
 
 class SchemaRollback(Procedure):
@@ -54,7 +58,9 @@ class SchemaRollback(Procedure):
         self.downgrade = plan_downgrade(
             self.ctx, result, self.to_revision, self.ctx.inspection.revisions
         )
-        plan_rehearsal(self.ctx, result, self.downgrade, self.ctx.inspection.revisions)
+        self.downgrade = plan_rehearsal(
+            self.ctx, result, self.downgrade, self.ctx.inspection.revisions
+        )
         result.plan_step("validate", f"alembic_version must equal {self.downgrade.target}")
 
     def apply(self, result: RollbackResult) -> None:
@@ -71,27 +77,59 @@ class SchemaRollback(Procedure):
 
 
 def plan_rehearsal(
-    ctx: RollbackContext, result: RollbackResult, downgrade: Downgrade, revisions: list[str]
-) -> None:
-    """Rehearse the downgrade on a schema copy (unless --no-rehearsal): the plan shows the
-    SQL that really ran and what it drops; dropping live data in a protected environment
-    needs --accept-data-loss."""
+    ctx: RollbackContext,
+    result: RollbackResult,
+    downgrade: Downgrade,
+    revisions: list[str],
+    *,
+    backup: tuple[Any, Any, str] | None = None,
+) -> Downgrade:
+    """Rehearse the downgrade on a copy (unless --no-rehearsal): the plan shows, for every
+    reverted revision, the SQL that really ran, its time, its locks and what it drops;
+    dropping live data in a protected environment needs --accept-data-loss. Returns the
+    downgrade with the revisions Alembic left in the rehearsal's version table."""
     if ctx.options.no_rehearsal:
         warning = "no rehearsal (--no-rehearsal): the downgrade runs untried on the live database"
         result.warnings.append(warning)
         result.plan_step("rehearsal", "skipped (--no-rehearsal)")
-        return
-    found = rehearse(ctx, downgrade.target, revisions)
+        return downgrade
+    found = rehearse(ctx, downgrade.target, revisions, backup=backup)
     result.rehearsal = found.to_document()
     locks = sorted({s["lock"] for s in found.statements if s["lock"]})
+    copy = {
+        "schema": "a copy of the live schema",
+        "data": "a copy of the live database (schema and data)",
+        "backup": "the backup restored into a scratch database",
+    }[found.copy]
     result.plan_step(
         "rehearsal",
-        f"ran on a copy of the schema in {found.duration_ms} ms: "
-        f"{len(found.statements)} statements" + (f"; locks {', '.join(locks)}" if locks else ""),
+        f"ran on {copy} in {found.duration_ms} ms: {len(found.statements)} statements"
+        + (f"; locks {', '.join(locks)}" if locks else ""),
     )
+    for reverted in result.reverted:
+        seen = found.for_revision(reverted["revision"])
+        reverted["offline_sql"] = reverted.get("sql", "")
+        reverted.update(seen, sql=";\n".join(seen["executed_sql"]))
+        result.plan_step("rehearsed", _rehearsed_line(reverted["revision"], seen))
     for drop in found.drops:
         result.plan_step("drops", drop.describe())
-    at_risk = found.data_at_risk
+    if backup is None:  # a full rollback keeps the live data in the kept database
+        _guard_data_loss(ctx, result, found.data_at_risk)
+    if found.heads_after is not None:
+        return replace(downgrade, after=tuple(sorted(found.heads_after)))
+    return downgrade
+
+
+def _rehearsed_line(revision: str, seen: dict[str, Any]) -> str:
+    statements = seen["executed_sql"]
+    shown = "; ".join(" ".join(sql.split())[:90] for sql in statements[:3])
+    more = f" (+{len(statements) - 3} more)" if len(statements) > 3 else ""
+    locks = f" [{', '.join(seen['locks'])}]" if seen["locks"] else ""
+    body = f"{shown}{more}" if statements else "no statements"
+    return f"{revision}: {len(statements)} statements, {seen['duration_ms']} ms{locks}: {body}"
+
+
+def _guard_data_loss(ctx: RollbackContext, result: RollbackResult, at_risk: list[Drop]) -> None:
     if not at_risk:
         return
     lost = "; ".join(d.describe() for d in at_risk)
@@ -107,8 +145,8 @@ def plan_rehearsal(
 
 def load_downgrade_config(ctx: RollbackContext) -> tuple[Any, str]:
     """The project's Alembic config with the URL (and timeouts) of the target."""
-    url = migrations.alembic_url(ctx.target.conninfo, ctx.options.timeouts)
-    return migrations.load_config(ctx.target.alembic_config, url), url
+    url = migrations.alembic_url(ctx.target.conninfo)
+    return migrations.target_config(ctx.target, url), url
 
 
 def plan_downgrade(
