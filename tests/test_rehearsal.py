@@ -252,7 +252,7 @@ def test_an_env_py_whose_async_driver_is_missing_is_named(project: Project) -> N
 
     result, doc = project.run_json("rollback", "schema", "--to-revision", REV_TIER)
 
-    assert result.exit_code == 5, result.stderr
+    assert result.exit_code == 3, result.stderr  # configuration: the driver is not installed
     assert "pg8000" in doc["message"] and "\n" not in doc["message"]
     assert snapshot(project) == before
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,14 +47,43 @@ def table_row_counts(conn: PgConnection) -> dict[str, int]:
     return counts
 
 
+#: The Alembic version table of this run: (schema or None for the search_path, table).
+#: A project's env.py may name another (``version_table``, ``version_table_schema``); a
+#: schema rollback learns it from env.py and reads and writes that one for the run.
+VERSION_TABLE: ContextVar[tuple[str | None, str]] = ContextVar(
+    "version_table", default=(None, "alembic_version")
+)
+
+
+@contextmanager
+def version_table_scope() -> Iterator[None]:
+    """Whatever :data:`VERSION_TABLE` is set to inside the block is undone at its end."""
+    token = VERSION_TABLE.set(VERSION_TABLE.get())
+    try:
+        yield
+    finally:
+        VERSION_TABLE.reset(token)
+
+
+def version_table_name() -> str:
+    schema, table = VERSION_TABLE.get()
+    return f"{schema}.{table}" if schema else table
+
+
+def _version_table() -> sql.Identifier:
+    schema, table = VERSION_TABLE.get()
+    return sql.Identifier(schema, table) if schema else sql.Identifier(table)
+
+
 def alembic_revisions(conn: PgConnection) -> list[str]:
-    """The revisions in ``alembic_version`` (empty when the table does not exist)."""
+    """The revisions in the version table (empty when the table does not exist)."""
+    table = _version_table()
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(conn),))
         row = cur.fetchone()
         if not row or not row[0]:
             return []
-        cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
+        cur.execute(sql.SQL("SELECT version_num FROM {} ORDER BY version_num").format(table))
         return [str(r[0]) for r in cur.fetchall()]
 
 
@@ -329,15 +361,18 @@ def count_values(conn: PgConnection, schema: str, table: str, column: str | None
 
 
 def set_revisions(conn: PgConnection, revisions: list[str]) -> None:
-    """Make ``alembic_version`` hold ``revisions`` (a schema-only copy has no rows)."""
+    """Make the version table hold ``revisions`` (a schema-only copy has no rows)."""
+    table = _version_table()
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(conn),))
         row = cur.fetchone()
         if not row or not row[0]:
             return
-        cur.execute("DELETE FROM alembic_version")
+        cur.execute(sql.SQL("DELETE FROM {}").format(table))
         for revision in revisions:
-            cur.execute("INSERT INTO alembic_version (version_num) VALUES (%s)", (revision,))
+            cur.execute(
+                sql.SQL("INSERT INTO {} (version_num) VALUES (%s)").format(table), (revision,)
+            )
 
 
 def count_assertions(

@@ -152,6 +152,80 @@ def script_directory(config: Config) -> ScriptDirectory:
         raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
 
 
+@dataclass
+class Project:
+    """A migration environment as its env.py sets it up: the scripts (with the version
+    locations env.py adds at run time), the version table it keeps its revisions in and the
+    revisions that table holds now."""
+
+    script: ScriptDirectory
+    heads: list[str]
+    version_table: str = "alembic_version"
+    version_schema: str | None = None
+
+    @property
+    def version_table_name(self) -> str:
+        schema = self.version_schema
+        return f"{schema}.{self.version_table}" if schema else self.version_table
+
+
+def probe(config: Config, expected: ConnInfo, timeouts: Timeouts) -> Project:
+    """Run env.py once, read-only, the way ``alembic current`` does: its connection
+    proven to reach ``expected`` and bounded by the run's timeouts; nothing is written
+    (Alembic's ``dont_mutate``). A Refused when env.py connects elsewhere; a
+    ConfigError when env.py cannot run."""
+    from alembic.runtime.environment import EnvironmentContext
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        # Not loaded yet: env.py may add version locations to it (or to the config) first.
+        script = ScriptDirectory.from_config(config)
+    except (CommandError, configparser.Error) as exc:
+        raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
+    locations = config.get_main_option("version_locations")
+    seen: dict[str, Any] = {}
+
+    def read_heads(rev: Any, context: Any) -> list[Any]:
+        seen["heads"] = list(context.get_current_heads())
+        opts = context.opts
+        seen["table"] = opts.get("version_table") or "alembic_version"
+        seen["schema"] = opts.get("version_table_schema")
+        return []
+
+    url = config.get_main_option("sqlalchemy.url") or ""
+    try:
+        with (
+            database_url_env(url),
+            owned_environment(
+                expected, timeouts.lock_timeout_ms, timeouts.statement_timeout_ms, url=url
+            ),
+            isolated_from_application(),
+            EnvironmentContext(config, script, fn=read_heads, dont_mutate=True),
+        ):
+            script.run_env()
+    except RollbackError:
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"the migration environment (env.py) cannot run: {type(exc).__name__}: {reason}"
+        ) from None
+    if "heads" not in seen:
+        raise ConfigError(
+            "the migration environment (env.py) ran no migration context: nothing to read "
+            "the current revision from"
+        )
+    if config.get_main_option("version_locations") != locations:
+        script = ScriptDirectory.from_config(config)  # env.py added version locations
+    try:
+        with isolated_from_application():
+            script.revision_map.heads  # noqa: B018 - load them now, isolated
+    except (CommandError, configparser.Error) as exc:
+        raise ConfigError(f"Alembic scripts cannot be loaded: {exc}") from None
+    return Project(script, sorted(seen["heads"]), seen["table"], seen["schema"])
+
+
 def known_revision(script: ScriptDirectory, revision: str) -> bool:
     """Whether ``script`` has ``revision`` (a database can be ahead of the checkout)."""
     from alembic.script.revision import RevisionError
@@ -237,15 +311,17 @@ def resolve_target(script: ScriptDirectory, target: str, current: list[str]) -> 
 
 
 def steps_to(script: ScriptDirectory, current: list[str], target: str) -> list[RevisionStep]:
-    """The revisions a downgrade from ``current`` to ``target`` reverts, newest first."""
+    """The revisions a downgrade from ``current`` to ``target`` reverts, in the order
+    Alembic runs them (with several heads, only the branches that descend from
+    ``target``, and what depends on them)."""
     steps: list[RevisionStep] = []
-    for head in current:
-        for rev in script.iterate_revisions(head, target):
-            if rev.revision == target:
-                continue
-            down = rev.down_revision
-            down_text = down if isinstance(down, str) or down is None else ",".join(down)
-            steps.append(RevisionStep(rev.revision, down_text, rev.doc or ""))
+    scripts = script.iterate_revisions(tuple(current), target, select_for_downgrade=True)
+    for rev in scripts:
+        if rev.revision == target:
+            continue
+        down = rev.down_revision
+        down_text = down if isinstance(down, str) or down is None else ",".join(down)
+        steps.append(RevisionStep(rev.revision, down_text, rev.doc or ""))
     return steps
 
 

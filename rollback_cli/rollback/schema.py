@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from rollback_cli.errors import ManualAttention, OperationFailed, Refused
 from rollback_cli.log import get_logger, step
+from rollback_cli.postgres.catalog import VERSION_TABLE, version_table_scope
 from rollback_cli.rollback import migrations
 from rollback_cli.rollback.lifecycle import (
     Procedure,
@@ -50,22 +54,28 @@ class SchemaRollback(Procedure):
         super().__init__(ctx)
         self.to_revision = to_revision
         self.downgrade: Downgrade | None = None
+        self.revisions: list[str] = []
+
+    @contextmanager
+    def prepare(self) -> Iterator[None]:
+        with version_table_scope():
+            yield
 
     def plan(self, result: RollbackResult) -> None:
         db = self.ctx.inspection.dbname
         result.plan_step("lock", f"advisory lock for {db} (free)")
         plan_safety_backup(self.ctx, result, "full backup")
+        project = probe_project(self.ctx, result)
+        self.revisions = project.heads
         self.downgrade = plan_downgrade(
-            self.ctx, result, self.to_revision, self.ctx.inspection.revisions
+            self.ctx, result, self.to_revision, project.heads, project=project
         )
-        self.downgrade = plan_rehearsal(
-            self.ctx, result, self.downgrade, self.ctx.inspection.revisions
-        )
+        self.downgrade = plan_rehearsal(self.ctx, result, self.downgrade, project.heads)
         result.plan_step("validate", f"alembic_version must equal {self.downgrade.target}")
 
     def apply(self, result: RollbackResult) -> None:
         assert self.downgrade is not None
-        run_downgrade(self.ctx, self.downgrade, self.ctx.inspection.revisions, result)
+        run_downgrade(self.ctx, self.downgrade, self.revisions, result)
 
     def validation(self) -> tuple[list[str] | None, Manifest | None]:
         assert self.downgrade is not None
@@ -111,6 +121,15 @@ def plan_rehearsal(
         reverted["offline_sql"] = reverted.get("sql", "")
         reverted.update(seen, sql=";\n".join(seen["executed_sql"]))
         result.plan_step("rehearsed", _rehearsed_line(reverted["revision"], seen))
+        outside = [sql for sql in seen["executed_sql"] if _OUTSIDE_TRANSACTION.search(sql)]
+        if outside:
+            warning = (
+                f"{reverted['revision']} runs statements outside a transaction "
+                f"({' '.join(outside[0].split())[:80]}): not atomic; if it fails part-way the "
+                "database is left between revisions"
+            )
+            result.warnings.append(warning)
+            result.plan_step("warning", warning)
     for drop in found.drops:
         result.plan_step("drops", drop.describe())
     if backup is None:  # a full rollback keeps the live data in the kept database
@@ -118,6 +137,13 @@ def plan_rehearsal(
     if found.heads_after is not None:
         return replace(downgrade, after=tuple(sorted(found.heads_after)))
     return downgrade
+
+
+# Statements PostgreSQL refuses inside a transaction block (Alembic's autocommit_block).
+_OUTSIDE_TRANSACTION = re.compile(
+    r"\b(INDEX\s+CONCURRENTLY|CONCURRENTLY\b|VACUUM\b|ALTER\s+TYPE\s+.*\bADD\s+VALUE\b)",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
 def _rehearsed_line(revision: str, seen: dict[str, Any]) -> str:
@@ -143,6 +169,20 @@ def _guard_data_loss(ctx: RollbackContext, result: RollbackResult, at_risk: list
         )
 
 
+def probe_project(ctx: RollbackContext, result: RollbackResult) -> migrations.Project:
+    """The project as its env.py sets it up (read-only, on the live database): the
+    scripts, its version table (kept for this run) and the revisions that table holds."""
+    config, _ = load_downgrade_config(ctx)
+    project = migrations.probe(config, ctx.target.conninfo, ctx.options.timeouts)
+    VERSION_TABLE.set((project.version_schema, project.version_table))
+    if project.version_table_name != "alembic_version":
+        result.plan_step("version-table", f"{project.version_table_name} (set by env.py)")
+    revisions = ",".join(project.heads) or None
+    if revisions != result.revision_before:
+        result.revision_before = revisions
+    return project
+
+
 def load_downgrade_config(ctx: RollbackContext) -> tuple[Any, str]:
     """The project's Alembic config with the URL (and timeouts) of the target."""
     url = migrations.alembic_url(ctx.target.conninfo)
@@ -156,11 +196,12 @@ def plan_downgrade(
     from_revisions: list[str],
     *,
     resolved: str | None = None,
+    project: migrations.Project | None = None,
 ) -> Downgrade:
     """Resolve the target, render each reverted revision's SQL, flag drops, empty and
     irreversible downgrades; refuse an irreversible one."""
     config, url = load_downgrade_config(ctx)
-    script = migrations.script_directory(config)
+    script = project.script if project is not None else migrations.script_directory(config)
     if resolved is None:
         resolved = migrations.resolve_target(script, to_revision, from_revisions)
     steps = migrations.steps_to(script, from_revisions, resolved)
