@@ -11,12 +11,17 @@ and before it runs, for the secrets to mask and the command line to show:
 
 Environment:
     GITHUB_OUTPUT, GITHUB_STEP_SUMMARY   files to append to (skipped when unset)
-    ACTION_COMMAND                       the action's command input (backup, rollback, ...)
+    ACTION_COMMAND                       the action's command input (backup, rollback, drill, ...)
     ACTION_CLI_COMMAND                   the CLI command line without secrets, for the summary
     ACTION_HOST_DIR                      the working directory on the runner
     ACTION_CONTAINER_DIR                 where that directory is mounted in the container
                                          (docker runtime only)
     ACTION_ARTIFACT_NAME                 artifact name chosen by the user, if any
+    INPUT_GITHUB_TOKEN                   with it, on a pull request, a rollback's plan (the
+                                         rehearsed downgrade) is written as one comment on
+                                         the pull request, updated by later runs
+    GITHUB_API_URL, GITHUB_REPOSITORY, GITHUB_EVENT_NAME, GITHUB_EVENT_PATH
+                                         where that comment goes (set by the runner)
     DATABASE_URL, PGPASSWORD, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, and the passwords of
     URLs in DB_ROLLBACK_STORAGE, AWS_ENDPOINT_URL and the INPUT_* values (storage,
     backup-file, extra-args)             scrubbed from everything written
@@ -35,7 +40,9 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError, URLError
 from urllib.parse import quote, quote_plus, unquote, urlsplit
+from urllib.request import Request, urlopen
 
 OUTCOMES_OK = {"success", "dry_run"}
 EXIT_MEANING = {
@@ -60,7 +67,12 @@ MAX_TABLE_ROWS = 50
 # tests/test_adversarial_redaction.py holds both to the same property.
 REDACTED = "***"
 MIN_SECRET = 3
-SECRET_VARIABLES = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SECRET_VARIABLES = (
+    "PGPASSWORD",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "INPUT_GITHUB_TOKEN",
+)
 # Values that may be URLs with credentials in them (their passwords are secrets too).
 URL_VARIABLES = (
     "DATABASE_URL",
@@ -281,6 +293,74 @@ def plan_section(doc: dict[str, Any]) -> list[str]:
     return ["", f"#### {title}", "", *table(["#", "step", "detail"], rows)]
 
 
+MAX_SQL_CHARS = 6000
+
+
+def _dropped(items: Any) -> str:
+    shown = []
+    for drop in items if isinstance(items, list) else []:
+        if not isinstance(drop, dict):
+            continue
+        name = ".".join(str(drop.get(k)) for k in ("schema", "table", "column") if drop.get(k))
+        unit = "values" if drop.get("column") else "rows"
+        shown.append(f"{name} ({drop.get('live_values')} live {unit})")
+    return ", ".join(shown)
+
+
+def downgrade_section(doc: dict[str, Any]) -> list[str]:
+    """The reverted revisions of a schema or full rollback: what the rehearsal ran on a
+    copy (SQL, time, locks) and what each drops, with the live rows at risk."""
+    reverted = doc.get("reverted")
+    if not isinstance(reverted, list) or not reverted:
+        return []
+    rehearsal = doc.get("rehearsal")
+    rows = []
+    for item in reverted:
+        if not isinstance(item, dict):
+            continue
+        flags = []
+        if item.get("online_only"):
+            flags.append("online only")
+        if item.get("irreversible"):
+            flags.append(f"irreversible: {item['irreversible']}")
+        if item.get("empty"):
+            flags.append("empty downgrade")
+        locks = item.get("locks") if isinstance(item.get("locks"), list) else []
+        rows.append(
+            [
+                code(item.get("revision")),
+                cell(item.get("message")),
+                cell(item.get("duration_ms")),
+                cell(", ".join(str(lock) for lock in locks)),
+                cell(_dropped(item.get("dropped"))),
+                cell(item.get("rows_at_risk")),
+                cell("; ".join(flags)),
+            ]
+        )
+    title = "Downgrade"
+    if isinstance(rehearsal, dict):
+        title += f" (rehearsed on a copy: {cell(rehearsal.get('copy'))}, "
+        title += f"{cell(rehearsal.get('duration_ms'))} ms)"
+    header = ["revision", "message", "ms", "locks", "drops", "live rows at risk", "notes"]
+    lines = ["", f"#### {title}", "", *table(header, rows)]
+    for item in reverted:
+        sql = item.get("sql") if isinstance(item, dict) else None
+        if not sql:
+            continue
+        text = scrub(str(sql))[:MAX_SQL_CHARS].replace("```", "` ` `")
+        lines += [
+            "",
+            f"<details><summary>SQL of {cell(item.get('revision'))}</summary>",
+            "",
+            "```sql",
+            text,
+            "```",
+            "",
+            "</details>",
+        ]
+    return lines
+
+
 def checks_section(doc: dict[str, Any]) -> list[str]:
     """verify and validate report {check, ok, detail}; status reports {name, status, detail}."""
     rows: list[list[str]] = []
@@ -336,6 +416,34 @@ def backups_section(doc: dict[str, Any]) -> list[str]:
     return ["", "#### Backups", "", *table(header, rows)]
 
 
+def drill_section(doc: dict[str, Any]) -> list[str]:
+    """What a restore drill proved: the backup, its age, the restore and what it held."""
+    drill = doc.get("drill")
+    if not isinstance(drill, dict):
+        return []
+    age = f"{cell(drill.get('age'))} ago"
+    if drill.get("max_age"):
+        age += f" (allowed {cell(drill.get('max_age'))})"
+    restored = drill.get("scratch_database")
+    rows = [
+        ("backup", code(drill.get("backup"))),
+        ("picked", cell(drill.get("selected"))),
+        ("made", f"{cell(drill.get('created_at'))}, {age}"),
+        ("type", f"{cell(drill.get('type'))} / {cell(drill.get('format'))}"),
+        ("size", f"{cell(drill.get('size'))} bytes"),
+    ]
+    if restored:
+        rows += [
+            ("restore time", f"{cell(drill.get('restore_seconds'))} s"),
+            ("restored", f"{cell(drill.get('tables'))} tables, {cell(drill.get('rows'))} rows"),
+            ("scratch database", f"{code(restored)} (dropped)"),
+        ]
+    else:
+        rows.append(("restored", "not restored (dry run)"))
+    lines = ["", "#### Restore drill", "", "| | |", "|---|---|"]
+    return lines + [f"| {name} | {value} |" for name, value in rows]
+
+
 def summary_markdown(doc: dict[str, Any], exit_code: int, outputs: dict[str, str]) -> str:
     outcome = str(doc.get("outcome") or "error")
     command = doc.get("command") or os.environ.get("ACTION_COMMAND", "")
@@ -366,12 +474,71 @@ def summary_markdown(doc: dict[str, Any], exit_code: int, outputs: dict[str, str
     ]
     lines += ["| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows if value != "—"]
-    lines += plan_section(doc) + checks_section(doc) + backups_section(doc)
+    lines += drill_section(doc) + plan_section(doc) + downgrade_section(doc)
+    lines += checks_section(doc) + backups_section(doc)
     warnings = doc.get("warnings")
     if isinstance(warnings, list) and warnings:
         lines += ["", "#### Warnings", ""] + [f"- {cell(w)}" for w in warnings]
     lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def pull_request_number() -> int | None:
+    if os.environ.get("GITHUB_EVENT_NAME") not in ("pull_request", "pull_request_target"):
+        return None
+    try:
+        event = json.loads(Path(os.environ["GITHUB_EVENT_PATH"]).read_text(encoding="utf-8"))
+        number = event["pull_request"]["number"]
+    except (KeyError, OSError, TypeError, ValueError):
+        return None
+    return number if isinstance(number, int) else None
+
+
+def _github(method: str, url: str, token: str, body: dict[str, Any] | None = None) -> Any:
+    if urlsplit(url).scheme not in ("https", "http"):
+        raise ValueError(f"GITHUB_API_URL is not an http(s) URL: {url}")
+    request = Request(  # noqa: S310 - scheme checked above
+        url,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": "2022-11-28",
+            "Content-Type": "application/json",
+        },
+    )
+    with urlopen(request, timeout=20) as response:  # noqa: S310 - the runner's GitHub API
+        return json.loads(response.read() or b"null")
+
+
+def comment_plan(doc: dict[str, Any], markdown: str) -> str | None:
+    """Write ``markdown`` as the pull request's db-rollback comment for this environment
+    and database: the one comment is updated by later runs, never duplicated. Returns
+    what was done, or None when there is no token or no pull request."""
+    token = os.environ.get("INPUT_GITHUB_TOKEN", "").strip()
+    number = pull_request_number()
+    if not token or number is None or not doc.get("plan"):
+        return None
+    api = os.environ.get("GITHUB_API_URL", "https://api.github.com").rstrip("/")
+    repo = quote(os.environ.get("GITHUB_REPOSITORY", ""), safe="/")
+    key = f"{doc.get('environment') or '-'}/{doc.get('database') or '-'}"
+    marker = f"<!-- db-rollback plan: {key} -->"
+    body = {"body": f"{marker}\n{markdown}"}
+    page = 1
+    while page <= 20:
+        comments = _github(
+            "GET", f"{api}/repos/{repo}/issues/{number}/comments?per_page=100&page={page}", token
+        )
+        if not comments:
+            break
+        for comment in comments:
+            if isinstance(comment, dict) and marker in str(comment.get("body", "")):
+                _github("PATCH", f"{api}/repos/{repo}/issues/comments/{comment['id']}", token, body)
+                return "updated"
+        page += 1
+    _github("POST", f"{api}/repos/{repo}/issues/{number}/comments", token, body)
+    return "created"
 
 
 def artifact_name(doc: dict[str, Any]) -> str:
@@ -450,10 +617,18 @@ def main(argv: list[str]) -> int:
     outputs["artifact-paths"] = "\n".join(artifact_paths(outputs))
     write_outputs(outputs)
 
+    markdown = summary_markdown(doc, exit_code, outputs)
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
         with Path(summary_file).open("a", encoding="utf-8") as fh:
-            fh.write(summary_markdown(doc, exit_code, outputs))
+            fh.write(markdown)
+    try:
+        comment_plan(doc, markdown)
+    except (HTTPError, URLError, OSError, ValueError) as exc:
+        reason = annotation_escape(
+            "pull request comment not written: " + scrub(f"{type(exc).__name__}: {exc}")
+        )
+        sys.stdout.write(f"::warning title=db-rollback::{reason}\n")
 
     line = annotation(doc, exit_code)
     if line:

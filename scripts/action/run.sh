@@ -91,10 +91,11 @@ s3_sse=${INPUT_S3_SSE:-}
 retention_days=${INPUT_RETENTION_DAYS:-}
 older_than=${INPUT_OLDER_THAN:-30d}
 keep_last=${INPUT_KEEP_LAST:-}
+max_age=${INPUT_MAX_AGE:-}
 
-commands="backup, rollback, verify, list, cleanup, status, validate"
+commands="backup, rollback, verify, list, cleanup, status, validate, drill"
 case "$command" in
-    backup | rollback | verify | list | cleanup | status | validate) ;;
+    backup | rollback | verify | list | cleanup | status | validate | drill) ;;
     '') fail_input "command is required: one of $commands" ;;
     *) fail_input "unknown command '${INPUT_COMMAND}': expected one of $commands" ;;
 esac
@@ -123,12 +124,19 @@ case "$command" in
         esac ;;
     verify)
         [[ -n $backup_file ]] || fail_input "command verify needs backup-file" ;;
+    drill)
+        case "$type" in
+            '' | full | schema | data) ;;
+            *) fail_input "type for command drill must be full, schema or data, not '$type'" ;;
+        esac ;;
     *)
         [[ -z $type ]] || warn "type '$type' is ignored by command $command" ;;
 esac
 if [[ -n $to_revision && ! ($command == rollback && $type != data) ]]; then
     warn "to-revision is ignored by command $command${type:+ $type}"
 fi
+# drill: the CLI reads max-age strictly (exit 2 on a bad value); here only where it applies.
+[[ -z $max_age || $command == drill ]] || warn "max-age is ignored by command $command"
 case "$s3_sse" in
     '' | AES256 | aws:kms) ;;
     *) fail_input "s3-sse must be AES256 or aws:kms, not '$s3_sse'" ;;
@@ -210,6 +218,12 @@ case "$command" in
         [[ -n $keep_last ]] && argv+=(--keep-last "$keep_last") ;;
     status) argv+=(status) ;;
     validate) argv+=(validate) ;;
+    drill)
+        # The newest backup of the database, or backup-file when given.
+        argv+=(drill)
+        [[ -n $type ]] && argv+=(--type "$type")
+        [[ -n $backup_file ]] && argv+=("$backup_file")
+        [[ -n $max_age ]] && argv+=(--max-age "$max_age") ;;
 esac
 argv+=("${extra_args[@]}")
 
@@ -266,10 +280,15 @@ printf -v shown '%q ' "${shown_words[@]}"
 export ACTION_CLI_COMMAND="db-rollback ${shown% }"
 echo "$ACTION_CLI_COMMAND  (environment $environment, runtime $runtime, in $host_dir)"
 
+# The GitHub token is for report.py's pull request comment only: the command (and the
+# application code its env.py imports) never sees it.
+github_token=${INPUT_GITHUB_TOKEN:-}
+unset INPUT_GITHUB_TOKEN
+
 set +e
 "${runner[@]}" "${argv[@]}" > "$result_file"
 exit_code=$?
 set -e
 
-python3 "$here/report.py" "$result_file" "$exit_code"
+INPUT_GITHUB_TOKEN=$github_token python3 "$here/report.py" "$result_file" "$exit_code"
 exit "$exit_code"
