@@ -110,13 +110,18 @@ def owned_environment(
     *,
     redirect_from: ConnInfo | None = None,
     url: str | None = None,
+    read_only: bool = False,
 ) -> Iterator[OwnedEnvironment]:
     """While the block runs, every connection env.py configures Alembic with must reach
     ``expected``; it gets the timeouts, and its statements are recorded.
 
     With ``redirect_from`` (a rehearsal): a connection env.py opened to that database (it
     builds its own engine from its own settings) is replaced by one of ours to
-    ``expected`` (at ``url``), so the rehearsal never runs on the live database."""
+    ``expected`` (at ``url``), so the rehearsal never runs on the live database.
+
+    ``read_only``: the session is made read-only before Alembic uses it (reading the
+    current revision on the live database: whatever env.py runs after it configures the
+    connection, the server refuses to write)."""
     from alembic.runtime.environment import EnvironmentContext
     from sqlalchemy import create_engine, event
     from sqlalchemy.pool import NullPool
@@ -125,6 +130,8 @@ def owned_environment(
     try:
         wanted = identity(ours)
         setup = timeout_statements(ours, lock_timeout_ms, statement_timeout_ms)
+        if read_only:
+            setup += ["SET transaction_read_only = on", "SET default_transaction_read_only = on"]
     finally:
         ours.close()
     redirected: tuple[str, ...] | None = None
