@@ -29,6 +29,7 @@ from typing import Any
 from rollback_cli import API
 from rollback_cli.backups.catalog import BackupEntry, cleanup_backups, list_backups
 from rollback_cli.backups.create import BackupRequest, BackupResult, create_backup, plan_backup
+from rollback_cli.backups.drill import DrillReport, DrillRequest, run_drill
 from rollback_cli.backups.dump import ProgressCallback
 from rollback_cli.backups.verify import VerifyResult, verify_backup
 from rollback_cli.checks import Check
@@ -53,6 +54,7 @@ from rollback_cli.rollback.migrations import Timeouts as Timeouts
 from rollback_cli.rollback.schema import SchemaRollback
 from rollback_cli.rollback.status import preflight
 from rollback_cli.rollback.undo import UndoRollback
+from rollback_cli.rollback.validate import read_checks_file
 from rollback_cli.rollback.validate import validate as _validate
 from rollback_cli.settings import RunOptions, StorageConfig, Target
 from rollback_cli.storage import open_storage
@@ -243,6 +245,57 @@ def backup_cleanup(
     return BackupsCleaned(result.removed, result.kept, result.protected)
 
 
+@dataclass
+class DrillResult:
+    """A restore drill that passed: the backup, its age, the restore time, what the
+    restored copy held and every check's verdict."""
+
+    report: DrillReport
+
+    def to_document(self) -> dict[str, Any]:
+        report, manifest = self.report, self.report.manifest
+        return {
+            "outcome": "dry_run" if report.plan is not None else "success",
+            "backup_file": report.key,
+            "backup_sha256": manifest.sha256,
+            "backup_uri": report.uri,
+            "revision_after": manifest.alembic_revision,
+            "drill": report.to_dict(),
+            "checks": [c.to_dict() for c in report.checks],
+            "plan": report.plan,
+        }
+
+
+def drill(
+    target: Target,
+    storage: StorageConfig,
+    *,
+    backup_ref: str | None = None,
+    backup_type: str = "full",
+    max_age_seconds: int | None = None,
+    checks_file: Path | None = None,
+    run: RunOptions = NO_RUN,
+) -> DrillResult:
+    """Restore the newest backup of ``target``'s database (of ``backup_type``), or the one
+    ``backup_ref`` names, into a scratch database on its server; compare it with the
+    manifest, run ``checks_file``'s queries read-only against it, drop it.
+
+    Raises BackupError (exit 4) when there is no such backup, it is older than
+    ``max_age_seconds``, fails verification or its restore, or the restored copy fails a
+    check. The live database is only read. A bad checks file is a UsageError (exit 2),
+    raised before anything else happens. A dry run picks, age-checks and verifies the
+    backup and returns the plan; it makes no scratch database."""
+    checks = read_checks_file(checks_file) if checks_file is not None else []
+    request = DrillRequest(
+        backup_ref=backup_ref,
+        backup_type=backup_type,
+        max_age_seconds=max_age_seconds,
+        checks=checks,
+        dry_run=run.dry_run,
+    )
+    return DrillResult(run_drill(target, storage, request))
+
+
 # --- preflight and validation -------------------------------------------------------------
 
 
@@ -262,11 +315,12 @@ class StatusResult:
         }
 
 
-def status(target: Target) -> StatusResult:
+def status(target: Target, *, require_alembic_config: bool = False) -> StatusResult:
     """Preflight: connection, versions, the client tools (pg_dump, pg_restore and psql in
     one directory), privileges, revisions, locks, sessions. Raises ConfigError (exit 3) or
-    Refused (exit 7) when a rollback could not run."""
-    report = preflight(target)
+    Refused (exit 7) when a rollback could not run; the error's ``report`` holds every
+    check. ``require_alembic_config``: a missing ``target.alembic_config`` fails."""
+    report = preflight(target, require_alembic_config=require_alembic_config)
     return StatusResult(report.checks, report.current_revision, report.head_revision)
 
 

@@ -55,6 +55,17 @@ REDACTED = "***"
 _MIN_SECRET = 3
 
 _handlers: list[logging.Handler] = []
+#: the steps of the current run and how far each got: started, finished or failed
+_step_states: dict[str, str] = {}
+#: the logger of a run's final error event: the command line prints that error as its one
+#: error line, so the console leaves the event out (it is in the log file)
+OUTCOME_LOGGER = "rollback_cli.outcome"
+_STEP_EVENTS = frozenset({"step started", "step finished", "step failed"})
+# Fields every event carries: the console's short lines leave them out.
+_CONTEXT_FIELDS = frozenset(
+    {"event", "run_id", "environment", "command", "step", "actor", "timestamp", "level", "logger"}
+)
+_CLEAR_LINE = "\r\x1b[K"
 # A library stays silent until its user configures logging (the standard library's advice).
 logging.getLogger("rollback_cli").addHandler(logging.NullHandler())
 
@@ -253,6 +264,7 @@ def configure(
     if not isinstance(numeric_level, int):
         numeric_level = logging.INFO
     structlog.contextvars.clear_contextvars()
+    _step_states.clear()
     structlog.contextvars.bind_contextvars(
         run_id=run_id or new_run_id(),
         environment=environment,
@@ -293,16 +305,89 @@ def _scrub_text(_logger: Any, _method: str, text: Any) -> Any:
     return redactor.scrub(text) if isinstance(text, str) else text
 
 
+class _TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Console lines on stderr. On a terminal each line first clears the current one (a
+    progress bar, or the step still running); with ``live_steps``, a step that starts is
+    shown on a line of its own that the next line replaces (and not at all elsewhere)."""
+
+    def __init__(self, stream: Any, *, live_steps: bool = False) -> None:
+        super().__init__(stream)
+        self.live_steps = live_steps
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            live = self.stream.isatty()
+            started = self.live_steps and _event_name(record) == "step started"
+            if started and not live:
+                return
+            text = self.format(record)
+            self.stream.write(
+                (_CLEAR_LINE if live else "") + text + ("" if started else self.terminator)
+            )
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+def _event_name(record: logging.LogRecord) -> str | None:
+    event = record.msg.get("event") if isinstance(record.msg, dict) else None
+    return event if isinstance(event, str) else None
+
+
+class _OperatorFilter(logging.Filter):
+    """The default console: step progress and warnings; never the final error event (the
+    command line prints that error once, as its last line)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == OUTCOME_LOGGER:
+            return False
+        return record.levelno >= self.level or _event_name(record) in _STEP_EVENTS
+
+
+def _operator_line(_logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """One short line for a person: ``✓ dump (1.2 s)``, ``! message (key=value)``."""
+    event = str(event_dict.get("event", ""))
+    step_name = event_dict.get("step", "")
+    if event in _STEP_EVENTS:
+        duration = event_dict.get("duration_ms")
+        took = f" ({duration / 1000:.1f} s)" if isinstance(duration, int | float) else ""
+        mark = {"step started": "…", "step finished": "✓", "step failed": "✗"}[event]
+        return f"  {mark} {step_name}{took}"
+    fields = ", ".join(
+        f"{key}={value}"
+        for key, value in event_dict.items()
+        if key not in _CONTEXT_FIELDS and not key.startswith("_") and key != "exception"
+    )
+    mark = "!" if method == "warning" else "✗"
+    return f"  {mark} {event}" + (f" ({fields})" if fields else "")
+
+
 def _stderr_handler(log_format: str, level: int) -> logging.Handler:
     # Exceptions are rendered by the formatters, after the shared chain: scrub them again
     # once they are text (an exception's message can hold a URL with a password).
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    if log_format == "console" and level >= logging.WARNING:
+        # The default on a terminal: step progress and warnings, one short line each.
+        handler = _TerminalHandler(sys.stderr, live_steps=True)
+        handler.addFilter(_OperatorFilter(level))
+        handler.setFormatter(_formatter(redactor, _operator_line, _scrub_text))
+        handler.setLevel(logging.DEBUG)
+        return handler
     if log_format == "console":
+        handler = _TerminalHandler(sys.stderr)
+        handler.addFilter(_OperatorFilter(logging.DEBUG))
         console = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         handler.setFormatter(
             _formatter(structlog.processors.format_exc_info, redactor, console, _scrub_text)
         )
     else:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_formatter(_dict_tracebacks, redactor, _json_renderer))
     handler.setLevel(level)
     return handler
@@ -334,6 +419,16 @@ def shutdown() -> None:
     _handlers.clear()
 
 
+def outcome_logger() -> Any:
+    """The logger of a run's final error event (see :data:`OUTCOME_LOGGER`)."""
+    return get_logger(OUTCOME_LOGGER)
+
+
+def step_states() -> dict[str, str]:
+    """The steps of the current run and how far each got (started, finished, failed)."""
+    return dict(_step_states)
+
+
 def get_logger(name: str = "rollback_cli") -> Any:
     """A structlog logger over the standard library logger ``name``.
 
@@ -363,10 +458,12 @@ def step(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
     structlog.contextvars.bind_contextvars(step=name)
     started = time.monotonic()
     details: dict[str, Any] = {}
+    _step_states[name] = "started"
     logger.info("step started", **fields)
     try:
         yield details
     except BaseException as exc:
+        _step_states[name] = "failed"
         logger.warning(
             "step failed",
             duration_ms=round((time.monotonic() - started) * 1000),
@@ -375,6 +472,7 @@ def step(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
         )
         raise
     else:
+        _step_states[name] = "finished"
         logger.info(
             "step finished", duration_ms=round((time.monotonic() - started) * 1000), **details
         )

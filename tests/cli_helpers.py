@@ -128,6 +128,8 @@ class Workspace:
         return self.db.url
 
     def args(self, environment: str = "staging", *, url: str | None = None) -> list[str]:
+        # Without a project, no --alembic-config: one named and missing fails `status`.
+        alembic = ["--alembic-config", str(self.alembic_ini)] if self.alembic_ini else []
         return [
             "--database-url",
             url or self.db.url,
@@ -141,8 +143,7 @@ class Workspace:
             "json",
             "--pg-bin-dir",
             str(self.pg_bin_dir or self.db.server.bin_dir),
-            "--alembic-config",
-            str(self.alembic_ini or self.workdir / "no-alembic.ini"),
+            *alembic,
         ]
 
     def run(

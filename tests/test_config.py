@@ -226,7 +226,10 @@ def test_log_format_and_level_from_env(ws: Workspace) -> None:
     args = ["--database-url", ws.url, "--log-dir", str(ws.log_dir), *pg_bin(ws), "status"]
     console = invoke(args, env={"DB_ROLLBACK_LOG_FORMAT": "console"})
     assert console.exit_code == 0, str(console)
-    assert console.stderr.strip() and not console.stderr_events()
+    assert not console.stderr_events()  # a console shows the checks, not the log
+    verbose = invoke(args, env={"DB_ROLLBACK_LOG_FORMAT": "console", "DB_ROLLBACK_VERBOSE": "1"})
+    assert verbose.exit_code == 0, str(verbose)
+    assert "command started" in verbose.stderr and not verbose.stderr_events()
     quiet = invoke(args, env={"DB_ROLLBACK_LOG_FORMAT": "json", "DB_ROLLBACK_LOG_LEVEL": "error"})
     assert quiet.exit_code == 0, str(quiet)
     assert quiet.stderr_events() == []

@@ -635,3 +635,146 @@ def test_docker_runtime_passes_credentials_by_name_only(
     assert "::add-mask::aws-s3cr3t" in run.stdout.splitlines()
     assert not any(marker in "\n".join(argv) for marker in (*PASSWORD_MARKERS, "aws-s3cr3t"))
     assert run.outputs["outcome"] == "error"  # the stand-in printed no result document
+
+
+# ---------------------------------------------------------------------------- restore drill
+
+DRILL_WORKFLOW = REPO_ROOT / "examples" / "workflows" / "restore-drill.yml"
+
+
+def drill_step(workflow: dict[str, Any]) -> dict[str, Any]:
+    (step,) = [
+        step
+        for job in workflow["jobs"].values()
+        for step in job["steps"]
+        if str(step.get("uses", "")).startswith("opssight/db-rollback@")
+    ]
+    return dict(step)
+
+
+def test_restore_drill_workflow_runs_nightly_and_fails_loudly() -> None:
+    assert DRILL_WORKFLOW in WORKFLOWS  # linted with the others by actionlint and the schema
+    workflow = load_yaml(DRILL_WORKFLOW)
+    # YAML 1.1 reads the `on` key as True.
+    triggers = workflow.get("on", workflow.get(True))
+    assert set(triggers) == {"schedule", "workflow_dispatch"}
+    (schedule,) = triggers["schedule"]
+    assert len(schedule["cron"].split()) == 5 and schedule["cron"].endswith("* * *")
+    (job,) = workflow["jobs"].values()
+    assert "postgres" in job["services"]
+    assert "5432:5432" in job["services"]["postgres"]["ports"]
+    assert job["env"]["AWS_SECRET_ACCESS_KEY"].startswith("${{ secrets.")
+    assert job["env"]["AWS_ACCESS_KEY_ID"].startswith("${{ secrets.")
+    step = drill_step(workflow)
+    assert step["uses"] == "opssight/db-rollback@v1"
+    assert step["with"]["command"] == "drill" and step["with"]["max-age"] == "26h"
+    assert set(step["with"]) <= set(load_yaml(ACTION_FILE)["inputs"])
+    # A failed drill fails the job: nothing swallows the action's exit status.
+    assert "continue-on-error" not in step and "continue-on-error" not in job
+
+
+def drill_inputs(project: Path, database: TestDatabase) -> dict[str, str]:
+    """The example workflow's inputs for the drill step, pointed at the test server and the
+    project's backup directory (the workflow's storage is a repository variable)."""
+    given = {
+        k.replace("-", "_"): str(v)
+        for k, v in drill_step(load_yaml(DRILL_WORKFLOW))["with"].items()
+    }
+    checks = project / "db" / "drill-checks.sql"
+    checks.parent.mkdir(exist_ok=True)
+    checks.write_text(
+        "-- name: customers have names\nSELECT count(*) = count(name) FROM customers;\n", "utf-8"
+    )
+    return {
+        **given,
+        "database_url": database.url,
+        "storage": "",
+        "signing_key": "",
+        "working_directory": str(project),
+        "runtime": "python",
+    }
+
+
+def test_drill_command_writes_the_drill_to_the_job_summary(
+    runner: ActionRunner, project: Path, database: TestDatabase
+) -> None:
+    created = runner.run(
+        command="backup",
+        environment="production",
+        yes="true",
+        database_url=database.url,
+        working_directory=str(project),
+        runtime="python",
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    before = database.query("SELECT md5(string_agg(c::text, ',' ORDER BY c.id)) FROM customers c")
+
+    run = runner.run(**drill_inputs(project, database))
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    outputs = run.outputs
+    assert outputs["outcome"] == "success" and outputs["exit-code"] == "0"
+    assert outputs["backup-sha256"] == created.outputs["backup-sha256"]
+    assert outputs["backup-file"] == created.outputs["backup-file"]
+    # A drill creates no backup: only its log is uploaded.
+    assert outputs["artifact-paths"] == outputs["log-file"]
+    summary = run.summary
+    assert "### ✅ db-rollback drill · production" in summary
+    assert (
+        "| command line | `db-rollback --json drill --max-age 26h --checks db/drill-checks.sql` |"
+        in summary
+    )
+    assert "#### Restore drill" in summary
+    assert re.search(r"^\| made \| \S+, \d+s ago \(allowed 26h\) \|$", summary, re.MULTILINE)
+    assert re.search(r"^\| restored \| 3 tables, \d+ rows \|$", summary, re.MULTILINE)
+    assert re.search(r"^\| restore time \| [\d.]+ s \|$", summary, re.MULTILINE)
+    assert re.search(r"^\| scratch database \| `\S+_verify_\S+` \(dropped\) \|$", summary, re.M)
+    assert "| customers have names | ✅ ok | true |" in summary
+    assert "| manifest comparison | ✅ ok |" in summary
+    assert run.errors() == []
+    assert_no_password(run, database.url)
+    assert (
+        database.query("SELECT md5(string_agg(c::text, ',' ORDER BY c.id)) FROM customers c")
+        == before
+    )
+    assert [n for n in database.related_databases() if n != database.name] == []
+
+
+def test_drill_without_a_backup_fails_the_step_with_exit_4(
+    runner: ActionRunner, project: Path, database: TestDatabase
+) -> None:
+    run = runner.run(**drill_inputs(project, database))
+
+    assert run.returncode == 4
+    assert run.outputs["outcome"] == "backup_invalid"
+    (error,) = run.errors()
+    assert error.startswith("::error title=db-rollback drill%3A backup_invalid::")
+    assert f"no full backup of database {database.name}" in error
+    assert "### ❌ db-rollback drill · production" in run.summary
+    assert "| exit code | 4 (backup missing, corrupt or failing verification) |" in run.summary
+    assert_no_password(run, database.url)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"type": "everything"}, "type for command drill must be full, schema or data"),
+        ({"max-age": "26 hours"}, "cannot read age '26 hours'"),
+    ],
+    ids=["type", "max-age"],
+)
+def test_bad_drill_input_exits_2(
+    runner: ActionRunner,
+    project: Path,
+    database: TestDatabase,
+    inputs: dict[str, str],
+    message: str,
+) -> None:
+    given = {"command": "drill", "runtime": "python", "database-url": database.url, **inputs}
+    run = runner.run(
+        working_directory=str(project), **{k.replace("-", "_"): v for k, v in given.items()}
+    )
+
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert message in run.stdout + run.stderr
+    assert_no_password(run, database.url)

@@ -140,7 +140,7 @@ def test_actor_from_github_or_the_os_user(ws: Workspace) -> None:
 
 def test_console_format_on_stderr_json_in_file(ws: Workspace) -> None:
     args = [a if a != "json" else "console" for a in ws.args()]
-    run = invoke([*args, "backup", "create"])
+    run = invoke([*args, "--verbose", "backup", "create"])
     assert run.exit_code == 0, str(run)
     assert run.stderr_events() == []
     assert "command started" in run.stderr and "audit" in run.stderr
@@ -217,12 +217,13 @@ def test_unexpected_error_exits_1_with_a_structured_traceback(
 
 
 def test_console_format_by_default_on_a_terminal(ws: Workspace, cli_env: dict[str, str]) -> None:
-    """stderr on a TTY gets the console renderer; the log file stays JSON."""
+    """stderr on a TTY gets the console: step progress and warnings by default (the
+    structured log with --verbose); the log file stays JSON."""
     args = [a for a in ws.args() if a not in ("--log-format", "json")]
     primary, secondary = pty.openpty()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "rollback_cli", *args, "backup", "list"],
+            [sys.executable, "-m", "rollback_cli", *args, "backup", "create"],
             env=cli_env,
             stdout=subprocess.PIPE,
             stderr=secondary,
@@ -243,7 +244,8 @@ def test_console_format_by_default_on_a_terminal(ws: Workspace, cli_env: dict[st
         os.close(primary)
     stderr = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0, stderr
-    assert "command started" in stderr and "audit" in stderr
+    assert "command started" not in stderr and "audit" not in stderr
+    assert "✓ dump (" in stderr and "✓ store (" in stderr
     assert not any(line.lstrip().startswith("{") for line in stderr.splitlines())
     assert ws.last_log_events()[-1]["event"] == "audit"
 

@@ -267,3 +267,24 @@ def test_a_database_stamped_at_a_revision_the_scripts_do_not_know(project: Proje
     assert "f00dfeed1234" in doc["message"] and "do not know" in doc["message"]
     assert "--alembic-config" in doc["message"]
     assert snapshot(project) == before
+
+
+def test_script_location_option_on_the_command_line(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "site" / "shopapp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    shutil.copytree(project.alembic_ini.parent / "migrations", package / "migrations")
+    monkeypatch.syspath_prepend(str(package.parent))
+    monkeypatch.chdir(tmp_path)  # no alembic.ini here
+    project.alembic_ini.unlink()
+    location = ("--alembic-script-location", "shopapp:migrations")
+
+    status, doc = project.run_json(*location, "status")
+    assert status.exit_code == 0, status.stderr
+    assert doc["head_revision"] == REV_DROP_EMAIL
+
+    result, doc = project.run_json(*location, "rollback", "schema", "--to-revision", REV_TIER)
+    assert result.exit_code == 0, result.stderr
+    assert project.revision() == REV_TIER

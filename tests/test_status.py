@@ -105,12 +105,20 @@ def test_all_in_place_exits_0(ws: Workspace) -> None:
     assert f"current {REV_TIER}, head {REV_HEAD}" in table.stdout
 
 
-def test_without_alembic_config_head_is_unknown(ws: Workspace, tmp_path: Path) -> None:
-    ws.alembic_ini = tmp_path / "missing.ini"
+def test_without_alembic_config_head_is_unknown(ws: Workspace) -> None:
+    ws.alembic_ini = None  # none named: the default alembic.ini is not here
     run, doc = ws.run_json("status")
     assert run.exit_code == 0, str(run)
     revision = checks_of(doc)["revision"]
     assert revision["head"] is None and "head unknown" in revision["detail"]
+
+
+def test_named_alembic_config_that_is_missing_fails(ws: Workspace, tmp_path: Path) -> None:
+    ws.alembic_ini = tmp_path / "missing.ini"
+    run, doc = ws.run_json("status")
+    assert run.exit_code == ExitCode.CONFIG, str(run)
+    assert checks_of(doc)["alembic"]["status"] == "fail"
+    assert f"{ws.alembic_ini} not found" in run.error_line()
 
 
 def test_revision_unknown_to_the_scripts_is_a_warning(ws: Workspace) -> None:

@@ -97,10 +97,16 @@ def backup_create(
 @run_flags
 @pass_app
 def backup_list(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
-    """List backups with size, age, type, revision and whether they are valid.
+    """List backups with database, environment, size, age, type, revision, label and
+    whether they are valid.
 
     A backup is valid only with a parseable manifest whose size matches; run
-    `backup verify` for the full checksum.
+    `backup verify` for the full checksum. With a reachable database, the kept
+    pre-rollback databases `rollback undo` can swap back are listed too.
+
+    \b
+    Example:
+      db-rollback -e production backup list --json
     """
     app = app.with_flags(dry_run, yes, json_output)
 

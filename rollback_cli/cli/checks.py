@@ -19,14 +19,20 @@ from rollback_cli.settings import parse_duration
 def status(app: App, dry_run: bool, yes: bool, json_output: bool) -> None:
     """Preflight: connection, versions, client tools, privileges, revisions, locks, sessions.
 
-    Exits 0 when everything a rollback needs is in place.
+    Shows every check with its verdict, failed ones first. Exits 0 when everything a
+    rollback needs is in place, 3 when the database or a named --alembic-config cannot
+    be used, 7 when another check fails.
+
+    \b
+    Example:
+      db-rollback -e production status --alembic-config deploy/alembic.ini
     """
     app = app.with_flags(dry_run, yes, json_output)
     execute(
         app,
         "status",
-        lambda api: api.status(app.target()),
-        lambda doc: render.checks(doc["checks"]),
+        lambda api: api.status(app.target(), require_alembic_config=app.alembic_config_named),
+        lambda doc: render.checks(doc.get("checks")),
     )
 
 
@@ -52,6 +58,10 @@ def validate_cmd(
 ) -> None:
     """Post-rollback checks: connectivity, revision, manifest row counts, SQL checks.
 
+    Shows every check with its verdict, failed ones first; exits 5 when one fails.
+    --expect-revision takes a partial id, resolved through the Alembic scripts (or,
+    without them, matched as a unique prefix of the database's revision).
+
     The --checks queries run read-only, each in its own transaction with a 30s statement
     timeout; --dry-run reads them but runs none.
 
@@ -64,7 +74,7 @@ def validate_cmd(
     def show(doc: dict[str, Any]) -> None:
         if app.dry_run:
             click.echo("dry run: the checks file was read; its queries were not run.")
-        render.checks(doc["validation"])
+        render.checks(doc.get("validation"))
 
     execute(
         app,

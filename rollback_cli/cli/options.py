@@ -36,6 +36,9 @@ class App:
     yes: bool = False
     json_output: bool = False
     interactive: bool = False
+    #: the user named --alembic-config (or its variable): a missing file is then an error
+    alembic_config_named: bool = False
+    alembic_script_location: str | None = None
 
     def with_flags(self, dry_run: bool, yes: bool, json_output: bool) -> App:
         """``--dry-run``, ``--yes`` and ``--json`` count before or after the command."""
@@ -60,6 +63,7 @@ class App:
             pg_bin_dir=self.pg_bin_dir,
             alembic_config=self.alembic_config,
             restore_url=self.restore_url,
+            alembic_script_location=self.alembic_script_location,
         )
 
     @property

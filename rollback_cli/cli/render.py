@@ -33,15 +33,51 @@ def age_text(when: datetime | None, now: float) -> str:
     return f"{int(seconds)}s"
 
 
-def progress_printer(app: App) -> Callable[[int, float], None] | None:
-    if app.json_output or not sys.stderr.isatty():
+def progress_printer(
+    app: App, label: str = "dump", total: int | None = None
+) -> Callable[[int, float], None] | None:
+    """A progress bar on stderr for one long step, fed ``(bytes so far, seconds)``; None
+    (no bar) without a terminal, with --json, or when stderr carries JSON lines.
+
+    The bar is never ended here: the step's own line (``✓ dump (3.1 s)``, written by the
+    console log handler, which clears the line first) takes its place once it finishes."""
+    if app.json_output or app.log_format != "console" or not sys.stderr.isatty():
         return None
+    state: dict[str, Any] = {"bar": None, "pos": 0}
+
+    def describe(item: tuple[int, float] | None) -> str:
+        if item is None:
+            return ""
+        size, elapsed = item
+        rate = human_size(round(size / elapsed)) + "/s" if elapsed else ""
+        of = f" of {human_size(total)}" if total else ""
+        return f"{human_size(size)}{of} {rate}".rstrip()
 
     def show(size: int, elapsed: float) -> None:
-        rate = size / elapsed / 1048576 if elapsed else 0.0
-        click.echo(f"\r  dumped {size / 1048576:,.1f} MiB ({rate:,.1f} MiB/s)", err=True, nl=False)
+        bar = state["bar"]
+        if bar is None:
+            # A total when known (a percentage and an ETA); else a bar that pulses.
+            bar = click.progressbar(
+                iter(()) if total is None else None,
+                length=total,
+                label=f"  {label}",
+                item_show_func=describe,
+                file=sys.stderr,
+                width=24,
+                show_eta=total is not None,
+            )
+            state["bar"] = bar
+        bar.update(max(0, size - state["pos"]), (size, elapsed))
+        state["pos"] = size
 
     return show
+
+
+def end_live_line() -> None:
+    """Clear a line a progress bar or a running step left open on the terminal, so that
+    what follows starts at the left margin."""
+    if sys.stderr.isatty():
+        click.echo("\r\x1b[K", err=True, nl=False)
 
 
 def plan(steps: list[dict[str, str]]) -> None:
@@ -50,9 +86,11 @@ def plan(steps: list[dict[str, str]]) -> None:
         click.echo(f"  {number}. {item['step']}: {item['detail']}")
 
 
-def checks(items: list[dict[str, Any]]) -> None:
+def checks(items: list[dict[str, Any]] | None) -> None:
+    """Every check with its verdict: failed ones first, then warnings, then the rest."""
     marks = {"ok": "✓", "warning": "!", "fail": "✗", "info": "·"}
-    for check in items:
+    rank = {"fail": 0, "warning": 1}
+    for check in sorted(items or [], key=lambda c: rank.get(c["status"], 2)):
         click.echo(f"  {marks.get(check['status'], '?')} {check['name']}: {check['detail']}")
 
 
@@ -78,15 +116,29 @@ def backup_listing(doc: dict[str, Any], now: float) -> None:
     if not rows:
         click.echo("no backups found")
         return
-    header = ("NAME", "LOCATION", "SIZE", "AGE", "TYPE", "REVISION", "STATUS")
+    header = (
+        "NAME",
+        "DATABASE",
+        "ENV",
+        "LOCATION",
+        "SIZE",
+        "AGE",
+        "TYPE",
+        "REVISION",
+        "LABEL",
+        "STATUS",
+    )
     table = [header] + [
         (
             r["name"],
+            r.get("database") or "-",
+            r.get("environment") or "-",
             r["location"],
             human_size(r["size"]),
             age_text(datetime.fromisoformat(r["created_at"]) if r["created_at"] else None, now),
             r["type"] or "-",
             r["alembic_revision"] or "-",
+            _cell(r.get("label")),
             "valid" if r["valid"] else f"INVALID: {r['problem']}",
         )
         for r in rows
@@ -97,6 +149,41 @@ def backup_listing(doc: dict[str, Any], now: float) -> None:
         click.echo("  ".join([*cells, str(row[-1])]))
 
 
+def _cell(text: str | None, width: int = 30) -> str:
+    """A free-text value on one line of a table, cut to ``width``."""
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def revision_change(before: str | None, after: str | None) -> str:
+    """The Alembic revision's move, in words."""
+    if before is None and after is None:
+        return "no Alembic revision recorded (alembic_version is empty or missing)"
+    if before == after:
+        return f"Alembic revision unchanged at {before}"
+    return f"Alembic revision {before or 'none'} → {after or 'none (base)'}"
+
+
+def rollback_summary(doc: dict[str, Any]) -> str:
+    """What the rollback did, in one line."""
+    database = doc["database"]
+    revisions = revision_change(doc["revision_before"], doc["revision_after"])
+    command = doc.get("command") or ""
+    if command == "rollback undo":
+        return (
+            f"rollback undone: {database} is again the database the last rollback replaced; "
+            f"{revisions}"
+        )
+    if command == "rollback schema":
+        return f"schema rolled back: {database}, {revisions}"
+    if doc.get("backup_used"):
+        what = "full rollback finished" if command == "rollback full" else "data rolled back"
+        return f"{what}: {database} restored from {doc['backup_used']}; {revisions}"
+    return f"rollback finished: {database}, {revisions}"
+
+
 def rollback(app: App) -> Callable[[dict[str, Any]], None]:
     def render(doc: dict[str, Any]) -> None:
         if app.dry_run:
@@ -105,15 +192,12 @@ def rollback(app: App) -> Callable[[dict[str, Any]], None]:
                 click.echo(f"\n-- downgrade SQL of {step['revision']} ({step['message']}):")
                 click.echo(step["sql"].rstrip() or "-- (empty)")
         else:
-            click.echo(
-                f"rollback finished: {doc['database']} "
-                f"{doc['revision_before'] or '-'} → {doc['revision_after'] or '-'}"
-            )
+            click.echo(rollback_summary(doc))
             if doc.get("backup_uri"):
                 click.echo(f"  safety backup:  {doc['backup_uri']}")
             if doc.get("kept_database"):
                 click.echo(
-                    f"  previous database kept as {doc['kept_database']} "
+                    f"  replaced database kept as {doc['kept_database']} "
                     "(`rollback undo` swaps it back)"
                 )
             if doc.get("unavailable_ms") is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,32 +13,57 @@ from rollback_cli.cli.options import App, F, pass_app, run_flags
 from rollback_cli.cli.runner import execute
 from rollback_cli.settings import parse_timeout_ms
 
+LOCK_TIMEOUT_HELP = {
+    "schema": "lock_timeout of the downgrade and of the safety backup's table locks, so "
+    "neither queues forever behind traffic (e.g. 500ms, 5s, 2min; 0 = forever).",
+    "data": "How long the safety backup, stopping writers and the in-place restore wait "
+    "for each lock another session holds before the rollback gives up (e.g. 500ms, 5s; "
+    "0 = forever).",
+    "full": "How long the safety backup, the restore and the downgrade wait for each lock "
+    "another session holds before the rollback gives up (e.g. 500ms, 5s; 0 = forever).",
+}
+STATEMENT_TIMEOUT_HELP = {
+    "schema": "statement_timeout of each downgrade statement (e.g. 10min; 0 = none).",
+    "full": "statement_timeout of each downgrade statement (e.g. 10min; 0 = none).",
+}
 
-def rollback_options(func: F) -> F:
-    """Options shared by the rollback commands."""
-    func = click.option(
-        "--checks",
-        "checks_file",
-        type=click.Path(path_type=Path, dir_okay=False),
-        help="SQL file of queries that must each return true afterwards.",
-    )(func)
-    func = click.option(
-        "--statement-timeout",
-        default="0",
-        show_default=True,
-        help="statement_timeout for the downgrade (0 = none).",
-    )(func)
-    func = click.option(
-        "--lock-timeout",
-        default="5s",
-        show_default=True,
-        help="lock_timeout for the downgrade, so it never queues forever.",
-    )(func)
-    func = click.option(
-        "--no-safety-backup",
-        is_flag=True,
-        help="Skip the safety backup (refused in protected environments).",
-    )(func)
+
+def rollback_options(command: str) -> Callable[[F], F]:
+    """Options shared by the rollback commands, their help worded for ``command``."""
+
+    def decorate(func: F) -> F:
+        func = click.option(
+            "--checks",
+            "checks_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="SQL file of queries that must each return true afterwards.",
+        )(func)
+        if command in STATEMENT_TIMEOUT_HELP:  # a data rollback runs no migration statement
+            func = click.option(
+                "--statement-timeout",
+                default="0",
+                show_default=True,
+                metavar="DURATION",
+                help=STATEMENT_TIMEOUT_HELP[command],
+            )(func)
+        func = click.option(
+            "--lock-timeout",
+            default="5s",
+            show_default=True,
+            metavar="DURATION",
+            help=LOCK_TIMEOUT_HELP[command],
+        )(func)
+        return click.option(
+            "--no-safety-backup",
+            is_flag=True,
+            help="Skip the safety backup (refused in protected environments).",
+        )(func)
+
+    return decorate
+
+
+def restore_options(func: F) -> F:
+    """Options of the commands that restore a backup (data, full)."""
     func = click.option(
         "--allow-cross-environment",
         is_flag=True,
@@ -58,15 +84,17 @@ def _options(api: Any, opts: dict[str, Any], strategy: str = "swap") -> Any:
     a bad timeout is a usage error with the documented exit code)."""
     return api.RollbackOptions(
         strategy=strategy,
-        jobs=opts["jobs"],
-        allow_cross_environment=opts["allow_cross_environment"],
+        jobs=opts.get("jobs", 2),
+        allow_cross_environment=opts.get("allow_cross_environment", False),
         allow_other_database=opts.get("allow_other_database", False),
         no_safety_backup=opts["no_safety_backup"],
         timeouts=api.Timeouts(
-            parse_timeout_ms(opts["lock_timeout"]), parse_timeout_ms(opts["statement_timeout"])
+            parse_timeout_ms(opts["lock_timeout"]),
+            parse_timeout_ms(opts.get("statement_timeout", "0")),
         ),
         checks_file=opts["checks_file"],
         no_rehearsal=opts.get("no_rehearsal", False),
+        rehearse_with_data=opts.get("rehearse_with_data", False),
         accept_data_loss=opts.get("accept_data_loss", False),
     )
 
@@ -81,6 +109,13 @@ REHEARSAL_OPTIONS = (
         "--no-rehearsal",
         is_flag=True,
         help="Do not rehearse the downgrade on a copy of the schema first (unsafe).",
+    ),
+    click.option(
+        "--rehearse-with-data",
+        is_flag=True,
+        help="Rehearse on a copy of the live data too, not only the schema: a downgrade "
+        "that fails on existing rows (NOT NULL without default, a data migration back) "
+        "fails there. Costs a dump and restore of the database.",
     ),
     click.option(
         "--accept-data-loss",
@@ -105,7 +140,7 @@ def rehearsal_options(func: F) -> F:
     metavar="REV",
     help="Target Alembic revision (partial ids allowed, or 'base').",
 )
-@rollback_options
+@rollback_options("schema")
 @run_flags
 @pass_app
 def rollback_schema_cmd(
@@ -159,7 +194,8 @@ ALLOW_OTHER_DATABASE = click.option(
     help="swap: restore aside, then rename (needs CREATEDB). "
     "in-place: one pg_restore --clean --single-transaction.",
 )
-@rollback_options
+@restore_options
+@rollback_options("data")
 @run_flags
 @pass_app
 def rollback_data_cmd(
@@ -198,12 +234,23 @@ def rollback_data_cmd(
 
 @rollback.command("full")
 @ALLOW_OTHER_DATABASE
-@click.option("--to-revision", required=True, metavar="REV")
+@rehearsal_options
+@click.option(
+    "--to-revision",
+    required=True,
+    metavar="REV",
+    help="Target Alembic revision after the restore (partial ids allowed, or 'base').",
+)
 @click.option("--backup-file", metavar="BACKUP", help="Restore this backup first.")
 @click.option(
-    "--strategy", type=click.Choice(["swap", "in-place"]), default="swap", show_default=True
+    "--strategy",
+    type=click.Choice(["swap", "in-place"]),
+    default="swap",
+    show_default=True,
+    help="How the backup is restored (see `rollback data --help`).",
 )
-@rollback_options
+@restore_options
+@rollback_options("full")
 @run_flags
 @pass_app
 def rollback_full_cmd(
@@ -246,7 +293,16 @@ def rollback_full_cmd(
 @run_flags
 @pass_app
 def rollback_undo_cmd(app: App, /, dry_run: bool, yes: bool, json_output: bool) -> None:
-    """Swap the database kept by the last data rollback back in (undo it again to reverse)."""
+    """Swap the database kept by the last data rollback back in (undo it again to reverse).
+
+    The database the rollback replaced was kept as {db}_pre_{ts}; undo renames it back
+    into place and keeps the current one the same way. `status` shows what undo would
+    swap back.
+
+    \b
+    Example:
+      db-rollback rollback undo --dry-run
+    """
     app = app.with_flags(dry_run, yes, json_output)
     execute(
         app,

@@ -34,6 +34,19 @@ class Result(Protocol):
     def to_document(self) -> dict[str, Any]: ...
 
 
+def stdout_closed() -> None:
+    """The reader of stdout went away (``db-rollback backup list | head -1``): not an error.
+    Point stdout at /dev/null so that no later write, nor the interpreter's last flush at
+    exit, fails again (Python's documented pattern for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a file: a caller's stream
+        pass
+    finally:
+        os.close(devnull)
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -72,7 +85,7 @@ def run(
         run_id=run_id,
     )
     started = time.monotonic()
-    result, code, outcome, message = _call(app, call, api, log)
+    result, code, outcome, message = _call(app, command, call, api, log)
     document = _document(command, code, outcome, run_id, app.environment, log_file, message)
     if code == ExitCode.OK:
         document["outcome"] = result.pop("outcome", outcome)
@@ -91,14 +104,24 @@ def run(
     log.shutdown()
     redactor = log.redactor
     document = redactor.scrub_value(document)
-    if app.json_output:
-        # Values are scrubbed above (the JSON text itself is not: a replacement could cut an
-        # escape sequence); what json cannot encode is shown as its scrubbed str().
-        click.echo(json.dumps(document, indent=2, default=lambda o: redactor.scrub(str(o))))
-    elif code == ExitCode.OK and render is not None:
-        with _scrubbed_stdout(redactor):
-            render(document)
+    try:
+        if app.json_output:
+            # Values are scrubbed above (the JSON text itself is not: a replacement could cut
+            # an escape sequence); what json cannot encode is shown as its scrubbed str().
+            click.echo(json.dumps(document, indent=2, default=lambda o: redactor.scrub(str(o))))
+        elif render is not None and (code == ExitCode.OK or result):
+            # A failure that carries its partial result (the checklist of a failed status
+            # or validate) is shown too, before the error line.
+            with _scrubbed_stdout(redactor):
+                render(document)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
     if message is not None:
+        if app.log_format == "console":
+            from rollback_cli.cli.render import end_live_line
+
+            end_live_line()
         click.echo(redactor.scrub(f"db-rollback: error: {message}"), err=True)
     return code
 
@@ -158,7 +181,11 @@ def _scrubbed_stdout(redactor: Any) -> Iterator[None]:
 
 
 def _call(
-    app: App, call: Callable[[ModuleType], Result], api: ModuleType, log: ModuleType
+    app: App,
+    command: str,
+    call: Callable[[ModuleType], Result],
+    api: ModuleType,
+    log: ModuleType,
 ) -> tuple[dict[str, Any], ExitCode, str, str | None]:
     """Run the command: its document, exit code, outcome and error message (if any)."""
     logger = log.get_logger()
@@ -177,18 +204,62 @@ def _call(
         # runs of spaces, and a collapsed one would no longer match).
         text = exc.message if not exc.hint else f"{exc.message} ({exc.hint})"
         message = " ".join(log.redactor.scrub(text).split())
-        logger.error(message, exit_code=int(exc.exit_code), outcome=exc.outcome)
-        return {}, exc.exit_code, exc.outcome, message
+        log.outcome_logger().error(message, exit_code=int(exc.exit_code), outcome=exc.outcome)
+        # A failure may carry what it found (the checklist of a failed status or validate).
+        partial = getattr(exc, "document", None)
+        return (
+            (dict(partial) if isinstance(partial, dict) else {}),
+            exc.exit_code,
+            exc.outcome,
+            (message),
+        )
     except KeyboardInterrupt:
-        interrupted = Interrupted("interrupted; the database is left as the log describes")
-        logger.error("interrupted", exit_code=int(interrupted.exit_code))
+        interrupted = Interrupted(interrupted_state(command, log.step_states()))
+        log.outcome_logger().error(
+            "interrupted", exit_code=int(interrupted.exit_code), state=interrupted.message
+        )
         return {}, interrupted.exit_code, interrupted.outcome, interrupted.message
     except Exception as exc:
         message = f"unexpected error: {log.redactor.scrub(f'{type(exc).__name__}: {exc}')}"
-        logger.exception("unexpected error", exit_code=int(ExitCode.UNEXPECTED))
+        log.outcome_logger().exception("unexpected error", exit_code=int(ExitCode.UNEXPECTED))
         return {}, ExitCode.UNEXPECTED, "error", " ".join(message.split())
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+#: steps that change the live database, and what an interrupt during each leaves
+_CHANGING_STEPS = {
+    "stop-writers": "while writers were being stopped: the database's data is unchanged",
+    "restore-in-place": "during the in-place restore, which runs as one transaction: it was "
+    "rolled back and the database holds what it held before",
+    "downgrade": "during the Alembic downgrade: its transaction was rolled back unless the "
+    "migration environment commits each revision on its own (`db-rollback status` shows "
+    "the revision the database is at)",
+    "swap": "at the swap, which holds signals until its renames are done: the database is "
+    "the restored copy if the swap completed, else the untouched original (`db-rollback "
+    "status` shows which, and the kept database `rollback undo` would swap back)",
+}
+#: commands that may change a database (the others only read it)
+_CHANGING_COMMANDS = ("rollback", "cleanup-artifacts")
+
+
+def interrupted_state(command: str, steps: dict[str, str]) -> str:
+    """What an interrupted run left, in words, from how far its steps got."""
+    if not command.startswith(_CHANGING_COMMANDS):
+        return "interrupted; no database was changed and partial files are removed"
+    changing = {name: state for name, state in steps.items() if name in _CHANGING_STEPS}
+    unfinished = [name for name, state in changing.items() if state != "finished"]
+    if unfinished:
+        return f"interrupted {_CHANGING_STEPS[unfinished[-1]]}"
+    if changing:
+        return (
+            f"interrupted after the live database was changed ({', '.join(changing)} "
+            "finished); the steps after it did not run: check it with `db-rollback validate`"
+        )
+    return (
+        "interrupted before any change: the live database is as it was (scratch copies and "
+        "partial files are removed)"
+    )
 
 
 def _document(

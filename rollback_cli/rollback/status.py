@@ -26,10 +26,9 @@ from rollback_cli.postgres.connection import (
 )
 from rollback_cli.postgres.lock import lock_holder
 from rollback_cli.rollback.artifacts import kept_databases, undo_candidate
-from rollback_cli.rollback.migrations import known_revision, load_config, script_directory
+from rollback_cli.rollback.migrations import known_revision, script_directory, target_config
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     from rollback_cli.settings import Target
 
@@ -49,9 +48,47 @@ class StatusReport:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if c.status == FAIL]
 
+    def document(self) -> dict[str, Any]:
+        """What ``status --json`` prints of a failed preflight: every check, failing first."""
+        return {
+            "checks": [c.to_dict() for c in by_severity(self.checks)],
+            "revision_before": self.current_revision,
+            "revision_after": self.current_revision,
+            "head_revision": self.head_revision,
+        }
 
-def preflight(target: Target) -> StatusReport:
-    """Run every check; raise when a rollback could not run (exit 3 or 7), else return."""
+
+def by_severity(checks: list[Check]) -> list[Check]:
+    """Failed checks first, then warnings, then the rest, each in the order they ran."""
+    rank = {FAIL: 0, WARNING: 1}
+    return sorted(checks, key=lambda check: rank.get(check.status, 2))
+
+
+class _CarriesReport(RollbackError):
+    """A failed preflight that carries its checklist: the command line shows every check."""
+
+    def __init__(self, message: str, report: StatusReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return self.report.document()
+
+
+class PreflightRefused(_CarriesReport, Refused):
+    """A check a rollback needs failed (exit 7)."""
+
+
+class PreflightConfigError(_CarriesReport, ConfigError):
+    """The connection or the Alembic configuration failed its check (exit 3)."""
+
+
+def preflight(target: Target, *, require_alembic_config: bool = False) -> StatusReport:
+    """Run every check; raise when a rollback could not run (exit 3 or 7), else return.
+
+    ``require_alembic_config``: the user named the Alembic configuration, so a missing
+    file fails the alembic check instead of leaving the head revision unknown."""
     logger = get_logger()
     report = StatusReport()
     conninfo = target.conninfo
@@ -69,7 +106,10 @@ def preflight(target: Target) -> StatusReport:
             report.add("client", FAIL, exc.one_line())
         checks: list[tuple[str, Callable[[], None]]] = [
             ("privileges", lambda: _privileges(conn, conninfo.dbname, report)),
-            ("revision", lambda: _revisions(target.alembic_config, conn, report)),
+            (
+                "revision",
+                lambda: _revisions(target, conn, report, require_alembic_config),
+            ),
             ("lock", lambda: _lock(conn, conninfo.dbname, report)),
             ("sessions", lambda: _sessions(conn, conninfo.dbname, report)),
             ("undo", lambda: _kept_databases(conn, conninfo.dbname, report)),
@@ -87,11 +127,9 @@ def preflight(target: Target) -> StatusReport:
     failures = report.failures
     if failures:
         text = summary(failures)
-        error: RollbackError = Refused(f"preflight failed: {text}")
         if any(c.name in ("connection", "alembic") for c in failures):
-            error = ConfigError(f"preflight failed: {text}")
-        error.report = report  # type: ignore[attr-defined]
-        raise error
+            raise PreflightConfigError(f"preflight failed: {text}", report)
+        raise PreflightRefused(f"preflight failed: {text}", report)
     return report
 
 
@@ -146,7 +184,9 @@ def _privileges(conn: Any, dbname: str, report: StatusReport) -> None:
         )
 
 
-def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
+def _revisions(target: Target, conn: Any, report: StatusReport, required: bool = False) -> None:
+    alembic_config = target.alembic_config
+    located = target.alembic_script_location is not None
     try:
         current = readable_revisions(conn)
     except UnreadableTable as exc:
@@ -155,9 +195,16 @@ def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
     report.current_revision = ",".join(current) or None
     head: str | None = None
     unknown: list[str] = []
-    if alembic_config.exists():
+    if required and not alembic_config.exists() and not located:
+        report.add(
+            "alembic",
+            FAIL,
+            f"{alembic_config} not found (named by --alembic-config or "
+            "DB_ROLLBACK_ALEMBIC_CONFIG; the head revision cannot be read)",
+        )
+    elif alembic_config.exists() or located:
         try:
-            config = load_config(alembic_config)
+            config = target_config(target)
         except RollbackError as exc:  # the file itself is malformed
             report.add("alembic", FAIL, exc.one_line())
             config = None
@@ -175,8 +222,8 @@ def _revisions(alembic_config: Path, conn: Any, report: StatusReport) -> None:
     detail = f"current {report.current_revision or 'none'}"
     if head is not None:
         detail += f", head {head}"
-    elif not alembic_config.exists():
-        detail += f" (no {alembic_config}: head unknown)"
+    elif not alembic_config.exists() and not located:
+        detail += " (head unknown)" if required else f" (no {alembic_config}: head unknown)"
     if unknown:
         # Usually newer code was deployed than the migrations checked out here.
         detail += f" (revision {','.join(unknown)} is not in {alembic_config}'s scripts)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rollback_cli.backups.catalog import locate, read_manifest
 from rollback_cli.checks import INFO, Check, failures, summary
@@ -22,6 +22,7 @@ from rollback_cli.postgres.checks import (
     run_read_only_check,
 )
 from rollback_cli.postgres.connection import connect
+from rollback_cli.rollback.migrations import script_directory, target_config
 
 if TYPE_CHECKING:
     from rollback_cli.backups.manifest import Manifest
@@ -60,6 +61,23 @@ class ValidationReport:
     def summary(self) -> str:
         return summary(self.checks)
 
+    def document(self) -> dict[str, Any]:
+        """What ``validate --json`` prints: every check, failing first."""
+        ordered = [c for c in self.checks if not c.ok] + [c for c in self.checks if c.ok]
+        return {"validation": [c.to_dict() for c in ordered]}
+
+
+class ValidationFailed(OperationFailed):
+    """A validation check failed (exit 5); ``report`` holds every check that ran."""
+
+    def __init__(self, message: str, report: ValidationReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    @property
+    def document(self) -> dict[str, Any]:
+        return self.report.document()
+
 
 def read_checks_file(path: Path) -> list[tuple[str, str]]:
     """SQL checks separated by ';', each returning one boolean; '-- name: X' names one."""
@@ -86,12 +104,14 @@ def validate_database(
     checks_file: Path | None = None,
     dry_run: bool = False,
     check_timeout_ms: int = CHECK_TIMEOUT_MS,
+    match_prefix: bool = False,
 ) -> ValidationReport:
     """Run every check and return the report; the caller decides what a failure means.
 
     The checks file's queries run read-only with ``check_timeout_ms`` each; with
     ``dry_run`` they are read and parsed but only listed as planned. A table the role may
-    not read raises ConfigError (exit 3)."""
+    not read raises ConfigError (exit 3). ``match_prefix``: an expected revision that is a
+    unique partial id of the database's revision (4 characters or more) matches it."""
     logger = get_logger()
     report = ValidationReport()
     checks = read_checks_file(checks_file) if checks_file else []
@@ -101,6 +121,8 @@ def validate_database(
             report.add("connectivity", True, f"connected to {conninfo.dbname}")
             if expected_revisions is not None:
                 revisions = readable_revisions(conn)
+                if match_prefix:
+                    expected_revisions = _match_prefixes(expected_revisions, revisions)
                 ok = sorted(revisions) == sorted(expected_revisions)
                 report.add(
                     "revision",
@@ -134,6 +156,44 @@ def validate_database(
     return report
 
 
+#: Alembic's shortest partial revision id; shorter prefixes are never matched
+MIN_PARTIAL_REVISION = 4
+
+
+def resolve_expected_revision(target: Target, revision: str) -> str:
+    """The full id of ``revision`` (a partial id is allowed, as for ``rollback schema``),
+    read from the project's Alembic scripts when there are any. An ambiguous partial id is
+    a usage error (exit 2); one the scripts do not know is returned as given, to be matched
+    against the database's revision by :func:`validate_database`."""
+    from alembic.script.revision import RevisionError
+    from alembic.util.exc import CommandError
+
+    if target.alembic_script_location is None and not target.alembic_config.is_file():
+        return revision
+    script = script_directory(target_config(target))
+    try:
+        found = script.get_revision(revision)
+    except (CommandError, RevisionError) as exc:
+        reason = " ".join(str(exc).split())
+        if "multiple" in reason.lower():
+            raise UsageError(
+                f"ambiguous revision {revision!r}: {reason}; give more characters"
+            ) from None
+        return revision
+    return found.revision if found is not None else revision
+
+
+def _match_prefixes(expected: list[str], revisions: list[str]) -> list[str]:
+    """``expected`` with each partial id that is a unique prefix of one of the database's
+    ``revisions`` replaced by that revision (for a project without Alembic scripts here)."""
+    resolved = []
+    for wanted in expected:
+        matches = [r for r in revisions if r.startswith(wanted)]
+        unique = wanted not in revisions and len(wanted) >= MIN_PARTIAL_REVISION
+        resolved.append(matches[0] if unique and len(matches) == 1 else wanted)
+    return resolved
+
+
 def validate(
     target: Target,
     storage: StorageConfig,
@@ -152,13 +212,18 @@ def validate(
             manifest = read_manifest(store, key)
         finally:
             store.close()
+    if expected_revision is not None and not expected_revision.strip():
+        raise UsageError("--expect-revision must not be empty")
     report = validate_database(
         target.conninfo,
-        expected_revisions=[expected_revision] if expected_revision else None,
+        expected_revisions=(
+            [resolve_expected_revision(target, expected_revision)] if expected_revision else None
+        ),
         manifest=manifest,
         checks_file=checks_file,
         dry_run=dry_run,
+        match_prefix=True,
     )
     if report.failures:
-        raise OperationFailed(f"validation failed: {report.summary()}")
+        raise ValidationFailed(f"validation failed: {report.summary()}", report)
     return report.checks
