@@ -8,7 +8,9 @@
 #   make format-check ruff format --check
 #   make image-test   build the container image and run it (scripts/image-test.sh)
 #   make bench        run the benchmarks in bench/
-#   make clean        stop the demo server, remove .demo/ and caches (never backups/ or logs/)
+#   make clean        stop the demo server, remove .demo/ and caches; keeps .cache/ (the
+#                     image test's base image) and never touches backups/ or logs/
+#   make distclean    make clean, and remove .cache/ too
 #
 # Works on a fresh Debian machine: creates .venv, installs the package with its dev extras
 # (again only when pyproject.toml changes) and Debian's PostgreSQL 15 server, whose binaries
@@ -38,10 +40,10 @@ define apt_install
 		|| { $$apt update && $$apt install -y --no-install-recommends $(1); }
 endef
 
-.PHONY: help setup test suite lint format-check demo image-test bench clean
+.PHONY: help setup test suite lint format-check demo image-test bench clean distclean
 
 help:
-	@sed -n '3,12s/^# \{0,1\}//p' Makefile
+	@sed -n '3,14s/^# \{0,1\}//p' Makefile
 
 setup: $(STAMP) $(PG15_INITDB)
 
@@ -83,12 +85,14 @@ demo: $(STAMP)
 image-test: $(STAMP)
 	bash scripts/image-test.sh
 
+# BENCH_SIZE_MB: database size of bench_recovery.py (~100 MB quick; ~750 MB documented).
 bench: $(STAMP) $(PG15_INITDB)
 	@shopt -s nullglob; benches=(bench/*.py); \
 	if [ $${#benches[@]} -eq 0 ]; then echo "no benchmarks in bench/"; exit 0; fi; \
 	for bench in "$${benches[@]}"; do \
 		case "$$(basename "$$bench")" in _*|conftest.py) continue ;; esac; \
-		echo "== $$bench"; PYTHONPATH=. $(BIN)/python "$$bench"; \
+		echo "== $$bench"; \
+		PYTHONPATH=. BENCH_SIZE_MB="$${BENCH_SIZE_MB:-100}" $(BIN)/python "$$bench"; \
 	done
 
 clean:
@@ -96,3 +100,7 @@ clean:
 		$(BIN)/python -m devtools.postgres stop --dir .demo/pg || true; fi
 	rm -rf .demo build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	@echo "kept .cache/ (the image test's cached base image): make distclean removes it"
+
+distclean: clean
+	rm -rf .cache
