@@ -288,3 +288,49 @@ def test_script_location_option_on_the_command_line(
     result, doc = project.run_json(*location, "rollback", "schema", "--to-revision", REV_TIER)
     assert result.exit_code == 0, result.stderr
     assert project.revision() == REV_TIER
+
+
+# Offline, only instructions; online, the real conversion (both shapes real projects have).
+PRINTS_OFFLINE = """
+    from alembic import context
+
+    if context.is_offline_mode():
+        print("-- run scripts/restore_emails.sql by hand")
+        return
+    op.add_column("customers", sa.Column("email", sa.Text, nullable=True))
+    op.execute("UPDATE customers SET email = lower(name) || '@example.com'")
+"""
+
+
+def test_a_downgrade_that_only_prints_offline_shows_what_it_runs_online(
+    project: Project,
+) -> None:
+    replace_downgrade(project.alembic_ini, REV_DROP_EMAIL, PRINTS_OFFLINE)
+    before = snapshot(project)
+
+    result, doc = project.run_json("rollback", "schema", "--to-revision", REV_TIER, "--dry-run")
+
+    assert result.exit_code == 0, result.stderr
+    (reverted,) = doc["reverted"]
+    assert not reverted["empty"]
+    assert any("UPDATE customers SET email" in sql for sql in reverted["executed_sql"])
+    assert not any("empty" in w for w in doc["warnings"]), doc["warnings"]
+    assert snapshot(project) == before
+
+
+@pytest.mark.parametrize("command", ["schema", "full"])
+def test_a_downgrade_that_runs_nothing_after_an_upgrade_that_did_is_irreversible(
+    project: Project, command: str
+) -> None:
+    """The upgrade dropped customers.email; a downgrade of ``pass`` would leave it dropped."""
+    args = ["--backup-file", project.backup()] if command == "full" else []
+    replace_downgrade(project.alembic_ini, REV_DROP_EMAIL, "pass")
+    before = snapshot(project)
+    databases = sorted(project.databases())
+
+    result, doc = project.run_json("rollback", command, "--to-revision", REV_TIER, *args)
+
+    assert result.exit_code == 7, result.stderr
+    assert "irreversible" in doc["message"] and REV_DROP_EMAIL in doc["message"]
+    assert snapshot(project) == before
+    assert sorted(project.databases()) == databases

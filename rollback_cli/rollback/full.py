@@ -25,6 +25,7 @@ from rollback_cli.rollback.schema import (
     load_downgrade_config,
     plan_downgrade,
     plan_rehearsal,
+    refuse_empty_downgrades,
     run_downgrade,
 )
 
@@ -71,7 +72,12 @@ class FullRollback(DataRollback):
             result.plan_step("downgrade", f"skipped: the backup is already at {resolved}")
         else:
             self.downgrade = plan_downgrade(
-                self.ctx, result, resolved, from_revisions, resolved=resolved
+                self.ctx,
+                result,
+                resolved,
+                from_revisions,
+                resolved=resolved,
+                rehearsed=not self.ctx.options.no_rehearsal,
             )
             self._plan_rehearsal(result, from_revisions)
         what = "Alembic revision after the downgrade" if self.downgrade else "manifest row counts"
@@ -119,10 +125,16 @@ class FullRollback(DataRollback):
                 f"expected {self.downgrade.target}; the live database was not touched "
                 "(database unchanged)"
             )
+        version_table = owned.version_table.rpartition(".")[2]
         for reverted in result.reverted:
-            statements = [s for s in owned.statements if s.revision == reverted["revision"]]
+            statements = [
+                s
+                for s in owned.statements
+                if s.revision == reverted["revision"] and version_table not in s.sql
+            ]
             reverted["executed_sql"] = [s.sql for s in statements]
             reverted["duration_ms"] = round(sum(s.duration_ms for s in statements), 1)
+        refuse_empty_downgrades(result, self.downgrade)
         get_logger().info(
             "downgrade ran on the restored copy", statements=len(owned.statements), ms=duration
         )

@@ -363,6 +363,26 @@ def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) ->
         item.drops = sorted({_describe_drop(s) for s in statements if _is_drop(s)})
 
 
+def upgrade_changes(config: Config, item: RevisionStep, url: str) -> bool | None:
+    """Whether the revision's upgrade, rendered offline, runs any statement (None when it
+    cannot render offline)."""
+    from alembic import command
+
+    buffer = io.StringIO()
+    config.output_buffer = buffer
+    try:
+        with database_url_env(url), isolated_from_application():
+            command.upgrade(config, f"{item.down_revision or BASE}:{item.revision}", sql=True)
+    except Exception:
+        return None
+    finally:
+        config.output_buffer = None
+    return any(
+        "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
+        for s in _statements(buffer.getvalue())
+    )
+
+
 def _statements(sql: str) -> list[str]:
     lines = [line for line in sql.splitlines() if line.strip() and not line.startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

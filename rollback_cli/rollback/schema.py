@@ -130,6 +130,7 @@ def plan_rehearsal(
             )
             result.warnings.append(warning)
             result.plan_step("warning", warning)
+    refuse_empty_downgrades(result, downgrade)
     for drop in found.drops:
         result.plan_step("drops", drop.describe())
     if backup is None:  # a full rollback keeps the live data in the kept database
@@ -144,6 +145,40 @@ _OUTSIDE_TRANSACTION = re.compile(
     r"\b(INDEX\s+CONCURRENTLY|CONCURRENTLY\b|VACUUM\b|ALTER\s+TYPE\s+.*\bADD\s+VALUE\b)",
     re.IGNORECASE | re.DOTALL,
 )
+
+
+# Statements that change nothing (Alembic reads the catalog and its version table too).
+_READS = re.compile(r"^\s*(SELECT|SHOW|SET|WITH\s+\w+\s+AS\s*\(\s*SELECT)\b", re.IGNORECASE)
+
+
+def refuse_empty_downgrades(result: RollbackResult, downgrade: Downgrade) -> None:
+    """A revision whose downgrade ran nothing in the rehearsal while its upgrade changes
+    the schema is irreversible: rolling it back would leave the upgrade's changes."""
+    for reverted in result.reverted:
+        if any(not _READS.match(sql) for sql in reverted["executed_sql"]):
+            reverted["empty"] = False
+            continue
+        step = migrations.RevisionStep(
+            reverted["revision"], reverted["down_revision"], reverted["message"]
+        )
+        changes = migrations.upgrade_changes(downgrade.config, step, downgrade.url)
+        reverted["empty"] = True
+        if changes is None:
+            warning = (
+                f"{step.revision}'s downgrade ran no statement (its upgrade cannot be shown "
+                "offline: check that it changes nothing)"
+            )
+            result.warnings.append(warning)
+            result.plan_step("warning", warning)
+        elif changes:
+            reverted["irreversible"] = "its downgrade runs nothing while its upgrade does"
+            raise Refused(
+                f"downgrade cannot run: {step.revision} is irreversible (its downgrade runs "
+                "no statement while its upgrade changes the database; rolling it back would "
+                "leave those changes); nothing was changed",
+                hint="roll back to a later revision, or use `rollback full` with a backup "
+                "taken before it",
+            )
 
 
 def _rehearsed_line(revision: str, seen: dict[str, Any]) -> str:
@@ -197,9 +232,12 @@ def plan_downgrade(
     *,
     resolved: str | None = None,
     project: migrations.Project | None = None,
+    rehearsed: bool | None = None,
 ) -> Downgrade:
     """Resolve the target, render each reverted revision's SQL, flag drops, empty and
     irreversible downgrades; refuse an irreversible one."""
+    if rehearsed is None:
+        rehearsed = not ctx.options.no_rehearsal
     config, url = load_downgrade_config(ctx)
     script = project.script if project is not None else migrations.script_directory(config)
     if resolved is None:
@@ -211,7 +249,7 @@ def plan_downgrade(
     for s in steps:
         if s.drops:
             flags.append(f"{s.revision} drops {', '.join(s.drops)}")
-        if s.empty:
+        if s.empty and not rehearsed:  # else what really runs is known from the rehearsal
             flags.append(f"{s.revision} has an empty downgrade")
         if s.irreversible:
             flags.append(f"{s.revision} is irreversible: {s.irreversible}")
