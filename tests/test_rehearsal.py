@@ -101,6 +101,10 @@ def test_rehearsal_with_data_catches_a_downgrade_that_fails_on_existing_rows(
     message = doc["message"]
     assert "rehearsal" in message and "not touched" in message, message
     assert "email" in message and "null" in message.lower(), message
+    # The failing revision, the statement and the error, in one line.
+    assert f"while reverting {REV_DROP_EMAIL} -> {REV_TIER}" in message, message
+    assert "(statement: ALTER TABLE customers ADD COLUMN email" in message, message
+    assert "\n" not in message and "Background on this error" not in message
     assert snapshot(project) == before
     assert rehearsal_databases(project) == []
     assert not list(project.backup_dir.glob("*.dump"))  # refused before the safety backup

@@ -54,6 +54,8 @@ class OwnedEnvironment:
     version_table: str = "alembic_version"
     #: the revisions in the version table after the last migration step (Alembic's own)
     heads_after: list[str] | None = None
+    #: the migration step running now, as Alembic announces it ("X -> Y, message")
+    running: str | None = None
 
     def attribute(self, revision: str) -> None:
         """The statements not yet attributed ran for ``revision`` (Alembic reports each
@@ -169,13 +171,35 @@ def owned_environment(
         return original(self, connection, *args, **kwargs)
 
     EnvironmentContext.configure = configure  # type: ignore[method-assign]
+    announcer = logging.getLogger("alembic.runtime.migration")
+    listener = _StepListener(owned)
+    announcer.addHandler(listener)
+    level = announcer.level
+    if not announcer.isEnabledFor(logging.INFO):
+        announcer.setLevel(logging.INFO)
     try:
         yield owned
     finally:
+        announcer.removeHandler(listener)
+        announcer.setLevel(level)
         EnvironmentContext.configure = original  # type: ignore[method-assign]
         for connection in opened:
             with contextlib.suppress(Exception):
                 connection.close()
+
+
+class _StepListener(logging.Handler):
+    """Alembic announces each migration step ("Running downgrade X -> Y, message") before
+    it runs: a failure is then known to be in that step."""
+
+    def __init__(self, owned: OwnedEnvironment) -> None:
+        super().__init__(logging.INFO)
+        self.owned = owned
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(("Running downgrade ", "Running upgrade ")):
+            self.owned.running = message.split(" ", 2)[2][:200]
 
 
 def _attributing(owned: OwnedEnvironment, theirs: Any) -> Any:

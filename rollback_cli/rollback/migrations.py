@@ -417,6 +417,7 @@ def downgrade(
     from alembic import command
 
     logger = get_logger()
+    owned: OwnedEnvironment | None = None
     try:
         with (
             database_url_env(url),
@@ -439,12 +440,27 @@ def downgrade(
     except RollbackError:
         raise
     except Exception as exc:
-        text = " ".join(str(exc).split())
-        if "lock timeout" in text.lower() or "canceling statement due to lock timeout" in text:
-            reason = "lock_timeout reached: the tables are busy; retry when traffic allows"
-        elif "statement timeout" in text.lower():
-            reason = "statement_timeout reached"
-        else:
-            reason = text[:300]
-        logger.error("downgrade failed", error=type(exc).__name__)
-        raise OperationFailed(f"Alembic downgrade to {target} failed: {reason}") from None
+        reason = failure_reason(exc)
+        running = owned.running if owned is not None else None
+        where = f" while reverting {running}" if running else ""
+        logger.error("downgrade failed", error=type(exc).__name__, revision=running)
+        raise OperationFailed(f"Alembic downgrade to {target} failed{where}: {reason}") from None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: the error, and the statement that failed when the driver names it."""
+    text = str(exc)
+    statement = None
+    match = re.search(r"\[SQL: (.*?)\]\s*(\(Background|\[parameters|$)", text, re.S)
+    if match:
+        statement = " ".join(match.group(1).split())[:200]
+    message = text.split("[SQL:")[0]
+    message = " ".join(message.split("(Background on this error")[0].split())
+    lowered = message.lower()
+    if "lock timeout" in lowered:
+        message = "lock_timeout reached: the tables are busy; retry when traffic allows"
+    elif "statement timeout" in lowered:
+        message = "statement_timeout reached"
+    else:
+        message = message[:300] or type(exc).__name__
+    return f"{message} (statement: {statement})" if statement else message
