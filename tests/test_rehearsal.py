@@ -75,6 +75,14 @@ def test_the_plan_shows_each_revisions_real_sql_locks_and_rows_at_risk(project: 
     assert all(r["duration_ms"] >= 0 for r in doc["reverted"])
     assert doc["rehearsal"]["copy"] == "schema"
     assert doc["rehearsal"]["heads_after"] == [REV_SEED]
+    catalog = {(c["kind"], c["name"], c["change"]) for c in doc["rehearsal"]["catalog"]}
+    assert {
+        ("column", "public.customers.email", "created"),
+        ("constraint", "public.customers.customers_email_key", "created"),
+        ("index", "public.customers_email_key", "created"),
+        ("column", "public.customers.tier", "dropped"),
+        ("constraint", "public.customers.customers_tier_check", "dropped"),
+    } <= catalog, catalog
     lines = [s["detail"] for s in doc["plan"] if s["step"] == "rehearsed"]
     assert len(lines) == 2 and lines[0].startswith(REV_DROP_EMAIL), lines
     assert snapshot(project) == before

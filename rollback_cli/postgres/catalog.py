@@ -347,6 +347,52 @@ def user_columns(conn: PgConnection) -> set[tuple[str, str, str]]:
         return {(str(s), str(t), str(a)) for s, t, a in cur.fetchall()}
 
 
+def schema_objects(conn: PgConnection) -> dict[str, dict[str, str]]:
+    """What a downgrade can drop or change, by kind (table, column, index, constraint,
+    type, sequence): each object's name and a description of its definition."""
+    queries = {
+        "table": "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p', 'v', 'm') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+        "column": "SELECT format('%I.%I.%I', n.nspname, c.relname, a.attname), "
+        "format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' NOT NULL' "
+        "ELSE '' END FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        "AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+        "index": "SELECT format('%I.%I', n.nspname, c.relname), pg_get_indexdef(c.oid) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('i', 'I') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+        "constraint": "SELECT format('%I.%I.%I', n.nspname, t.relname, k.conname), "
+        "pg_get_constraintdef(k.oid) FROM pg_constraint k JOIN pg_class t ON t.oid = k.conrelid "
+        "JOIN pg_namespace n ON n.oid = t.relnamespace "
+        "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+        "type": "SELECT format('%I.%I', n.nspname, t.typname), t.typtype::text || "
+        "coalesce(' ' || (SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder) "
+        "FROM pg_enum e WHERE e.enumtypid = t.oid), '') FROM pg_type t "
+        "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typtype IN ('e', 'd') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+        "sequence": "SELECT format('%I.%I', n.nspname, c.relname), 'sequence' "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'S' "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg\\_%'",
+    }
+    found: dict[str, dict[str, str]] = {}
+    with conn.cursor() as cur:
+        for kind, query in queries.items():
+            cur.execute(query)
+            found[kind] = {str(name): str(definition) for name, definition in cur.fetchall()}
+    return found
+
+
 def count_values(conn: PgConnection, schema: str, table: str, column: str | None) -> int:
     """Rows of a table, or non-null values of one of its columns."""
     what = (

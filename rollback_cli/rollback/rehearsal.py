@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from rollback_cli.backups.scratch import schema_copy
 from rollback_cli.errors import OperationFailed, Refused, RollbackError
 from rollback_cli.log import get_logger, step
-from rollback_cli.postgres.catalog import count_values, user_columns
+from rollback_cli.postgres.catalog import count_values, schema_objects, user_columns
 from rollback_cli.postgres.connection import connect, maintenance_connection
 from rollback_cli.rollback import migrations
 from rollback_cli.rollback.environment import OwnedEnvironment
@@ -85,6 +85,8 @@ class Rehearsal:
     drops: list[Drop] = field(default_factory=list)
     #: the version table's revisions after the rehearsed downgrade (Alembic's own)
     heads_after: list[str] | None = None
+    #: what the downgrade dropped, created or changed in the catalog
+    catalog: list[dict[str, str | None]] = field(default_factory=list)
 
     @property
     def data_at_risk(self) -> list[Drop]:
@@ -110,6 +112,7 @@ class Rehearsal:
             "statements": self.statements,
             "drops": [d.to_dict() for d in self.drops],
             "heads_after": self.heads_after,
+            "catalog": self.catalog,
         }
 
 
@@ -140,9 +143,9 @@ def rehearse(
             schema_copy(admin, ctx.target, revisions, with_data=with_data, backup=backup) as copy,
         ):
             scratch = ctx.target.conninfo.with_dbname(copy)
-            before = _columns(scratch)
+            before, objects_before = _columns(scratch), _objects(scratch)
             owned, duration = run_on_copy(ctx, scratch, target_revision)
-            after = _columns(scratch)
+            after, objects_after = _columns(scratch), _objects(scratch)
             details.update(statements=len(owned.statements), downgrade_ms=duration)
     except Refused:
         raise  # env.py reaches another database: refused as it is (exit 7)
@@ -153,7 +156,9 @@ def rehearse(
         ) from None
     finally:
         admin.close()
-    return _findings(ctx, kind, duration, owned, before, after)
+    found = _findings(ctx, kind, duration, owned, before, after)
+    found.catalog = catalog_changes(objects_before, objects_after)
+    return found
 
 
 def run_on_copy(
@@ -222,6 +227,44 @@ def _dropped_by(drop: Drop, statements: list[dict[str, Any]]) -> str | None:
         if re.search(rf"\b{re.escape(drop.table)}\b", statement["sql"].replace('"', "")):
             return cast("str | None", statement["revision"])
     return None
+
+
+def catalog_changes(
+    before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]
+) -> list[dict[str, str | None]]:
+    """Tables, columns, indexes, constraints, types and sequences dropped, created or
+    changed (a column's type or nullability, an index's or constraint's definition)."""
+    changes: list[dict[str, str | None]] = []
+    for kind in before.keys() | after.keys():
+        old, new = before.get(kind, {}), after.get(kind, {})
+        for name in sorted(old.keys() | new.keys()):
+            if name not in new:
+                change = "dropped"
+            elif name not in old:
+                change = "created"
+            elif old[name] != new[name]:
+                change = "changed"
+            else:
+                continue
+            changes.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "change": change,
+                    "before": old.get(name),
+                    "after": new.get(name),
+                }
+            )
+    order = ("table", "column", "constraint", "index", "type", "sequence")
+    return sorted(changes, key=lambda c: (order.index(str(c["kind"])), str(c["name"])))
+
+
+def _objects(conninfo: Any) -> dict[str, dict[str, str]]:
+    conn = connect(conninfo)
+    try:
+        return schema_objects(conn)
+    finally:
+        conn.close()
 
 
 def _columns(conninfo: Any) -> set[tuple[str, str, str]]:

@@ -133,6 +133,11 @@ def plan_rehearsal(
     refuse_empty_downgrades(result, downgrade)
     for drop in found.drops:
         result.plan_step("drops", drop.describe())
+    changed = [c for c in found.catalog if c["kind"] != "column" or c["change"] != "dropped"]
+    if changed:
+        shown = "; ".join(f"{c['kind']} {c['name']} {c['change']}" for c in changed[:8])
+        more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+        result.plan_step("catalog", shown + more)
     if backup is None:  # a full rollback keeps the live data in the kept database
         _guard_data_loss(ctx, result, found.data_at_risk)
     if found.heads_after is not None:
