@@ -12,6 +12,7 @@ import pytest
 from tests.alembic_shapes import Revision, Shape, alembic_command
 from tests.rollback_helpers import Project
 from tests.servers import TestDatabase
+from tests.test_migration_environments import sa_url
 
 CREATE_ITEMS = Revision(
     "a1000000c0de",
@@ -74,9 +75,7 @@ def test_own_version_table_in_its_own_schema_and_tables_outside_public(
         options={"version_table": "app_version", "version_table_schema": "meta"},
     )
     ini = shape.write()
-    alembic_command(
-        ini, shape_db.url.replace("postgresql://", "postgresql+psycopg2://"), "upgrade", "head"
-    )
+    alembic_command(ini, sa_url(shape_db), "upgrade", "head")
     project = project_for(shape_db, ini, tmp_path)
     assert version_rows(shape_db, "meta.app_version") == ["b2000000c0de"]
     before = state(project)
@@ -102,16 +101,14 @@ def test_own_version_table_in_its_own_schema_and_tables_outside_public(
         r[0] for r in shape_db.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     ]
 
-    alembic_command(
-        ini, shape_db.url.replace("postgresql://", "postgresql+psycopg2://"), "upgrade", "head"
-    )
+    alembic_command(ini, sa_url(shape_db), "upgrade", "head")
     assert version_rows(shape_db, "meta.app_version") == ["b2000000c0de"]
 
 
 def test_two_script_trees_in_one_database_each_rolled_back_on_its_own(
     shape_db: TestDatabase, tmp_path: Path
 ) -> None:
-    url = shape_db.url.replace("postgresql://", "postgresql+psycopg2://")
+    url = sa_url(shape_db)
     main = Shape(tmp_path / "main", [in_schema(CREATE_ITEMS, None), in_schema(ADD_NOTE, None)])
     plugin_create = Revision(
         "f1000000fab0",
@@ -161,7 +158,7 @@ def test_version_locations_env_py_adds_at_run_time(shape_db: TestDatabase, tmp_p
         """,
     )
     ini = shape.write()
-    url = shape_db.url.replace("postgresql://", "postgresql+psycopg2://")
+    url = sa_url(shape_db)
     alembic_command(ini, url, "upgrade", "head")
     project = project_for(shape_db, ini, tmp_path)
 
@@ -219,7 +216,7 @@ def test_rolling_back_one_branch_keeps_the_other_head(
     shape_db: TestDatabase, tmp_path: Path, target: str
 ) -> None:
     ini = branched(tmp_path).write()
-    url = shape_db.url.replace("postgresql://", "postgresql+psycopg2://")
+    url = sa_url(shape_db)
     alembic_command(ini, url, "upgrade", "heads")
     project = project_for(shape_db, ini, tmp_path)
     assert version_rows(shape_db, "alembic_version") == ["5111search01", "b222billing2"]
@@ -245,9 +242,7 @@ def test_targets_naming_several_revisions_or_none_are_usage_errors(
     shape_db: TestDatabase, tmp_path: Path, target: str, words: str
 ) -> None:
     ini = branched(tmp_path).write()
-    alembic_command(
-        ini, shape_db.url.replace("postgresql://", "postgresql+psycopg2://"), "upgrade", "heads"
-    )
+    alembic_command(ini, sa_url(shape_db), "upgrade", "heads")
     project = project_for(shape_db, ini, tmp_path)
     before = state(project)
 
@@ -290,7 +285,7 @@ def test_a_downgrade_outside_a_transaction_is_planned_as_not_atomic(
         [in_schema(CREATE_ITEMS, None), in_schema(ADD_NOTE, None), concurrently, batch],
     )
     ini = shape.write()
-    url = shape_db.url.replace("postgresql://", "postgresql+psycopg2://")
+    url = sa_url(shape_db)
     alembic_command(ini, url, "upgrade", "head")
     project = project_for(shape_db, ini, tmp_path)
     before = state(project)
@@ -312,3 +307,36 @@ def test_a_downgrade_outside_a_transaction_is_planned_as_not_atomic(
     assert "ix_items_id_note" in indexes and "ix_items_note" not in indexes
     alembic_command(ini, url, "upgrade", "head")
     assert project.revision() == "d4000000c0de"
+
+
+def test_a_revision_that_depends_on_a_reverted_one_is_reverted_too(
+    shape_db: TestDatabase, tmp_path: Path
+) -> None:
+    """search2 depends_on billing2: rolling billing back to billing1 reverts search2 first,
+    as Alembic's own downgrade does."""
+    shape = branched(tmp_path)
+    shape.revisions.append(
+        Revision(
+            "5222search02",
+            "5111search01",
+            'op.add_column("docs", sa.Column("bill_id", sa.Integer))',
+            'op.drop_column("docs", "bill_id")',
+            depends="b222billing2",
+        )
+    )
+    ini = shape.write()
+    url = sa_url(shape_db)
+    alembic_command(ini, url, "upgrade", "heads")
+    project = project_for(shape_db, ini, tmp_path)
+    # Alembic keeps only heads: billing2 is implied by search2, which depends on it.
+    assert version_rows(shape_db, "alembic_version") == ["5222search02"]
+
+    plan, doc = project.run_json("rollback", "schema", "--to-revision", "b111billing1", "--dry-run")
+    assert plan.exit_code == 0, plan.stderr
+    assert [r["revision"] for r in doc["reverted"]] == ["5222search02", "b222billing2"]
+
+    result, _ = project.run_json("rollback", "schema", "--to-revision", "b111billing1")
+    assert result.exit_code == 0, result.stderr
+    assert version_rows(shape_db, "alembic_version") == ["5111search01", "b111billing1"]
+    alembic_command(ini, url, "upgrade", "heads")
+    assert version_rows(shape_db, "alembic_version") == ["5222search02"]
