@@ -60,9 +60,6 @@ POINTS = [
     KillPoint("data", STARTED, "verify-backup"),
     KillPoint("data", STARTED, "verify-checksum"),
     KillPoint("data", "lock acquired"),
-    KillPoint("data", STARTED, "safety-backup"),
-    KillPoint("data", STARTED, "dump", delay=0.02),
-    KillPoint("data", STARTED, "store"),
     KillPoint("data", STARTED, "restore"),
     KillPoint("data", "restoring"),
     KillPoint("data", "restoring", delay=0.1),
@@ -75,6 +72,11 @@ POINTS = [
     KillPoint("data", "databases swapped"),
     KillPoint("data", STARTED, "validate"),
     KillPoint("data", "validation check", nth=2),
+    # the safety backup of the kept database, after the swap and validation
+    KillPoint("data", "recovered"),
+    KillPoint("data", STARTED, "safety-backup"),
+    KillPoint("data", STARTED, "dump", delay=0.02),
+    KillPoint("data", STARTED, "store"),
     # rollback data --strategy in-place
     KillPoint("inplace", "lock acquired"),
     KillPoint("inplace", STARTED, "stop-writers"),

@@ -172,8 +172,12 @@ def test_kill_9_during_restore_leaves_live_database_and_cleanup_removes_leftover
 def test_kill_9_during_safety_backup_leaves_a_temp_file_that_cleanup_removes(
     big_project: Project, cli_process: list[subprocess.Popen[str]], cli_env: dict
 ) -> None:
+    """The swap's safety backup is a dump of the kept database, taken once the backup is
+    live and validated: a kill during it leaves the rolled-back database live and the
+    previous state whole in the kept database."""
     project = big_project
     backup = project.backup()
+    restored = project.data_fingerprint()
     live = _after_deploy(project)
     before = set(project.backup_dir.iterdir())
 
@@ -195,7 +199,11 @@ def test_kill_9_during_safety_backup_leaves_a_temp_file_that_cleanup_removes(
     while not all(_gone(pid) for pid in dumps) and time.monotonic() < deadline:
         time.sleep(0.05)
 
-    assert project.data_fingerprint() == live
+    assert project.data_fingerprint() == restored
+    kept = [name for name in project.databases() if "_pre_" in name]
+    assert len(kept) == 1
+    kept_db = TestDatabase(name=kept[0], server=project.db.server)
+    assert Project(kept_db, project.alembic_ini, project.workdir).data_fingerprint() == live
     listed = project.run_json("backup", "list")[1]["backups"]
     # Nothing half-written is listed as a backup.
     assert [b["name"] for b in listed] == [Path(backup).name]

@@ -11,7 +11,7 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +25,7 @@ from rollback_cli.backups.dump import (
     is_lock_timeout,
     lock_timeout_failed,
     pg_dump_argv,
+    resolve_compress,
     run_pg_dump,
 )
 from rollback_cli.backups.manifest import FORMAT_EXTENSIONS, Manifest, manifest_key, sign
@@ -43,9 +44,15 @@ from rollback_cli.postgres.connection import (
 from rollback_cli.storage import Storage, staging_dir
 
 if TYPE_CHECKING:
-    from rollback_cli.settings import SigningKeys, Target
+    from rollback_cli.settings import ConnInfo, SigningKeys, Target
 
-__all__ = ["BackupRequest", "BackupResult", "create_backup", "plan_backup"]
+__all__ = [
+    "BackupRequest",
+    "BackupResult",
+    "check_staging_writable",
+    "create_backup",
+    "plan_backup",
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,14 @@ def _create_backup(
     signing: SigningKeys | None,
 ) -> BackupResult:
     log = get_logger()
+    # What is dumped: the target's database, or the one holding its previous state.
+    source = (
+        target.conninfo.with_dbname(request.source_database)
+        if request.source_database
+        else target.conninfo
+    )
     with step("connect"):
-        snap_conn = connect(target.conninfo, autocommit=False)
+        snap_conn = connect(source, autocommit=False)
     counter = RowCounter(snap_conn) if request.backup_type != "schema" else None
     try:
         server_version = server_version_text(snap_conn)
@@ -147,7 +160,9 @@ def _create_backup(
             client_version=tools.version,
             server_version=server_version,
         )
-        compress_args(request.compress, tools.major)  # refuse what this client lacks, early
+        # auto picked for this client; what it lacks refused early
+        request = replace(request, compress=resolve_compress(request, tools))
+        compress_args(request.compress, tools.major)
         staging = staging_dir(storage)
         ensure_private_dir(staging)
         created = datetime.now(timezone.utc)
@@ -171,7 +186,7 @@ def _create_backup(
             directory=request.fmt == "directory",
         )
         started = time.monotonic()
-        dumped = _dump(tools, request, snapshot, target, counter, name, temp_path, progress)
+        dumped = _dump(tools, request, snapshot, source, counter, name, temp_path, progress)
         snap_conn.rollback()
         final_path = staging / name
         temp_path.rename(final_path)
@@ -242,6 +257,7 @@ def _manifest(
         tool_version=__version__,
         label=request.label,
         git_commit=os.environ.get("GITHUB_SHA") or None,
+        extra={"dumped_from": request.source_database} if request.source_database else {},
         archive_version=dumped.archive_version,
         snapshot=snapshot,
         duration_ms=duration_ms,
@@ -260,7 +276,7 @@ def _dump(
     tools: ClientTools,
     request: BackupRequest,
     snapshot: str | None,
-    target: Target,
+    source: ConnInfo,
     counter: RowCounter | None,
     name: str,
     temp_path: Path,
@@ -270,7 +286,7 @@ def _dump(
     with step("dump", backup=name, type=request.backup_type, format=request.fmt) as details:
         try:
             sha256, size, archive_version = run_pg_dump(
-                tools, request, snapshot, target.conninfo, temp_path, counter, progress
+                tools, request, snapshot, source, temp_path, counter, progress
             )
         except BaseException:
             remove_path(temp_path)
@@ -336,6 +352,7 @@ def plan_backup(target: Target, storage: Storage, request: BackupRequest) -> lis
     try:
         major = server_major(conn)
         tools = find_client(major, target.pg_bin_dir)
+        request = replace(request, compress=resolve_compress(request, tools))
         compress_args(request.compress, tools.major)
         revisions = alembic_revisions(conn)
     finally:
@@ -360,6 +377,12 @@ def plan_backup(target: Target, storage: Storage, request: BackupRequest) -> lis
             f"(revision {','.join(revisions) or 'none'})",
         },
     ]
+
+
+def check_staging_writable(directory: Path) -> None:
+    """ConfigError (exit 3) when a backup could not even be staged in ``directory``:
+    checked before a change whose safety backup comes after it."""
+    _check_writable(directory)
 
 
 def _check_writable(directory: Path) -> None:

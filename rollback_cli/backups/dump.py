@@ -27,7 +27,12 @@ from rollback_cli.backups.manifest import BACKUP_FORMATS, BACKUP_TYPES
 from rollback_cli.errors import OperationFailed, UsageError
 from rollback_cli.log import redactor
 from rollback_cli.postgres.catalog import table_row_counts
-from rollback_cli.postgres.clients import ClientTools, child_environment, error_tail
+from rollback_cli.postgres.clients import (
+    ClientTools,
+    child_environment,
+    error_tail,
+    offline_environment,
+)
 from rollback_cli.postgres.connection import first_line
 from rollback_cli.storage.base import CHUNK_SIZE, sha256_tree, tree_size
 
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 
 ProgressCallback = Callable[[int, float], None]
 COMPRESS_METHODS = ("gzip", "lz4", "zstd", "none")
+#: the default --compress: the best method the selected pg_dump supports (resolve_compress)
+AUTO_COMPRESS = "auto"
 DEFAULT_LOCK_TIMEOUT_MS = 5000
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout (and NOWAIT) failures
 # After an interrupt or a failed pg_dump: how long pg_dump gets to cancel its own query
@@ -46,6 +53,8 @@ LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of lock_timeout (and NOWAIT) failures
 TERMINATE_GRACE_SECONDS = 1.0
 COUNTER_GRACE_SECONDS = 0.5
 COUNTER_STOP_SECONDS = 2.0
+# A compression probe is a pg_dump that fails at once (before connecting): generous bound.
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,9 @@ class BackupRequest:
     kind: str | None = None  # "safety" for backups taken by a rollback
     # How long pg_dump and the row counts wait for each table lock; 0 waits forever.
     lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+    #: dump this database of the target's server instead of the target's own, recorded as
+    #: a backup of the target (the database a swap kept holds the target's previous state)
+    source_database: str | None = None
 
     def check(self) -> None:
         if self.lock_timeout_ms < 0:
@@ -72,15 +84,103 @@ class BackupRequest:
             raise UsageError(
                 "--jobs > 1 needs --format directory (pg_dump dumps in parallel only then)"
             )
-        if self.compress is not None:
-            method, colon, level = self.compress.partition(":")
-            if method.isdigit() and not colon:
-                return
-            if method not in COMPRESS_METHODS or (colon and not level.isdigit()):
-                raise UsageError(
-                    f"cannot read --compress {self.compress!r}: use METHOD[:LEVEL] with METHOD "
-                    "gzip, lz4, zstd or none, or a level 0-9"
-                )
+        if self.compress is None or self.compress == AUTO_COMPRESS:
+            return
+        method, colon, level = self.compress.partition(":")
+        if not (method.isdigit() and not colon) and (
+            method not in COMPRESS_METHODS or (colon and not level.isdigit())
+        ):
+            raise UsageError(
+                f"cannot read --compress {self.compress!r}: use auto, or METHOD[:LEVEL] with "
+                "METHOD gzip, lz4, zstd or none, or a level 0-9"
+            )
+        if self.fmt == "plain" and compresses(self.compress):
+            # verify and restore read a plain backup as SQL text; refused before anything
+            # is written rather than stored as a backup nothing could use.
+            raise UsageError(
+                f"--format plain is written uncompressed: --compress {self.compress} needs "
+                "--format custom or directory (or leave --compress out)"
+            )
+
+
+def compresses(spec: str | None) -> bool:
+    """Whether ``spec`` (not ``auto``) asks for compressed output: not none, not level 0."""
+    if spec is None:
+        return False
+    method, _, level = spec.partition(":")
+    if method.isdigit():
+        return int(method) != 0
+    return method != "none" and not (method == "gzip" and level.isdigit() and int(level) == 0)
+
+
+_ACCEPTED: dict[tuple[str, str], bool] = {}
+
+
+def supported_compression(tools: ClientTools) -> tuple[str, ...]:
+    """The --compress methods ``tools``' pg_dump accepts: gzip (levels) and none before 16;
+    from 16 on, lz4 and zstd as well when it was built with them."""
+    return tuple(m for m in COMPRESS_METHODS if accepts_compression(tools, m))
+
+
+def accepts_compression(tools: ClientTools, method: str) -> bool:
+    """Whether ``tools``' pg_dump accepts ``--compress METHOD`` (probed once per binary)."""
+    if method in ("gzip", "none"):
+        return True
+    if tools.major < 16:
+        return False
+    key = (tools.pg_dump, method)
+    if key not in _ACCEPTED:
+        _ACCEPTED[key] = _probe(tools, method)
+    return _ACCEPTED[key]
+
+
+def _probe(tools: ClientTools, method: str) -> bool:
+    """pg_dump checks a compression specification before it connects: no server needed.
+    A pg_dump that does not answer within a few seconds is taken not to support it."""
+    argv = [
+        tools.pg_dump,
+        "--no-password",
+        "--format=custom",
+        f"--compress={method}",
+        f"--file={os.devnull}",
+        "--host=/nonexistent/db-rollback-compression-probe",
+        "--dbname=probe",
+    ]
+    try:
+        done = subprocess.run(
+            argv,
+            env=offline_environment(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    # Accepted: it went on to connect (and failed); refused: a compression error.
+    return "compress" not in done.stderr
+
+
+def resolve_compress(request: BackupRequest, tools: ClientTools) -> str | None:
+    """The --compress pg_dump gets (None: pg_dump's own default), recorded in the manifest.
+
+    ``auto`` (also when none is given): uncompressed for plain; else zstd, then lz4, when
+    this pg_dump supports them (16+, built with them); else gzip, at level 1 for a
+    rollback's safety backup (speed over size) and pg_dump's default level otherwise. An
+    explicit method is passed on as given: one this pg_dump lacks makes it fail before it
+    writes anything, and that is a usage error naming what it supports."""
+    spec = request.compress
+    safety = request.kind == "safety"
+    if spec is None or spec == AUTO_COMPRESS:
+        if request.fmt == "plain":
+            return None
+        if accepts_compression(tools, "zstd"):
+            return "zstd:1" if safety else "zstd"
+        if accepts_compression(tools, "lz4"):
+            return "lz4"
+        return "gzip:1" if safety else None
+    return spec
 
 
 def compress_args(spec: str | None, client_major: int) -> list[str]:
@@ -89,13 +189,17 @@ def compress_args(spec: str | None, client_major: int) -> list[str]:
     method, _, level = spec.partition(":")
     if method.isdigit():
         return [f"--compress={method}"]
+    if method == AUTO_COMPRESS:
+        raise ValueError("resolve_compress() first")
     if client_major >= 16:
         return [f"--compress={spec}"]
     if method == "gzip":
         return [f"--compress={level or '6'}"]
     if method == "none":
         return ["--compress=0"]
-    raise UsageError(f"pg_dump {client_major} supports only gzip compression; got {spec!r}")
+    raise UsageError(
+        f"--compress {spec}: pg_dump {client_major} supports gzip, none; use one of those or auto"
+    )
 
 
 def pg_dump_argv(
@@ -284,6 +388,7 @@ def _stderr_text(stderr_file: IO[bytes]) -> str:
 
 
 def _pg_dump_failed(
+    tools: ClientTools,
     request: BackupRequest,
     returncode: int,
     stderr_file: IO[bytes],
@@ -291,7 +396,11 @@ def _pg_dump_failed(
 ) -> OperationFailed | UsageError:
     reason = error_tail(stderr_file)
     if "invalid compression specification" in reason:
-        return UsageError(f"--compress {request.compress}: {reason}")
+        return UsageError(
+            f"--compress {request.compress}: pg_dump {tools.version} ({tools.bin_dir}) "
+            f"supports {', '.join(supported_compression(tools))}; use one of those or auto "
+            f"({reason})"
+        )
     tables = pg_dump_lock_tables(_stderr_text(stderr_file)) if request.lock_timeout_ms else None
     if tables is not None:
         if len(tables) == 1:
@@ -358,7 +467,7 @@ def run_pg_dump(
             if counter is not None:
                 counter.join(COUNTER_GRACE_SECONDS)  # its own lock timeout names the table
                 counter.stop()
-            raise _pg_dump_failed(request, process.returncode, stderr_file, counter)
+            raise _pg_dump_failed(tools, request, process.returncode, stderr_file, counter)
         if counter is not None:
             counter.wait()
             if is_lock_timeout(counter.error):

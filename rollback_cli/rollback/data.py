@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ from rollback_cli.rollback.lifecycle import (
     Procedure,
     RollbackContext,
     RollbackResult,
+    check_safety_storage,
     plan_safety_backup,
     plan_validation,
     take_safety_backup,
@@ -56,10 +57,16 @@ class DataRollback(Procedure):
     kind = "data"
     action = "data rollback"
 
-    @property
-    def takes_safety_backup(self) -> bool:  # type: ignore[override]
-        # In place, the safety backup is taken once writers are stopped (restore_in_place).
-        return self.ctx.options.strategy == "swap"
+    # Never before apply(): in place, the safety backup is taken once writers are stopped
+    # (restore_in_place); a swap keeps the old database whole and dumps it afterwards.
+    takes_safety_backup = False
+
+    def deferred_safety_source(self, result: RollbackResult) -> str | None:
+        # The swap kept the pre-rollback database whole: the first safety copy, dumped
+        # once the restored copy is live and validated (off the time to recovery).
+        if self.ctx.options.strategy != "swap":
+            return None
+        return result.kept_database
 
     def __init__(self, ctx: RollbackContext, backup_ref: str) -> None:
         super().__init__(ctx)
@@ -93,12 +100,9 @@ class DataRollback(Procedure):
             f"{manifest.alembic_revision or 'none'}, taken {manifest.created_at})",
         )
         result.plan_step("lock", f"advisory lock for {db} in the maintenance database (free)")
-        plan_safety_backup(
-            ctx,
-            result,
-            f"full backup of {db}"
-            + (" (kept database stays too)" if ctx.options.strategy == "swap" else ""),
-        )
+        swap = ctx.options.strategy == "swap"
+        if not swap:
+            plan_safety_backup(ctx, result, f"full backup of {db}")
         superuser = restore_role_is_superuser(ctx)
         owner_note = "" if superuser else " (--no-owner: the restoring role is not superuser)"
         if ctx.target.restore_conninfo is not None:
@@ -125,9 +129,10 @@ class DataRollback(Procedure):
                 "and Alembic revision against the manifest",
             )
             checked = check_swap(ctx)
+            kept = derived_name(db, PRE_MARK)
             result.plan_step(
                 "swap",
-                Swap(db, scratch, derived_name(db, PRE_MARK)).describe()
+                Swap(db, scratch, kept).describe()
                 + f" ({checked} statements checked in a rolled-back transaction)",
             )
         else:
@@ -145,12 +150,25 @@ class DataRollback(Procedure):
             )
         if validate:
             plan_validation(ctx, result, "manifest row counts")
+        if swap:
+            # After validation, under the lock: the kept database is the first safety copy.
+            check_safety_storage(ctx)
+            plan_safety_backup(
+                ctx,
+                result,
+                f"after the swap and validation: full backup of the kept {kept} as a backup "
+                f"of {db} (it holds the previous state whole until then)",
+            )
 
     def apply(self, result: RollbackResult) -> None:
         if self.ctx.options.strategy == "in-place":
             restore_in_place(self.ctx, self.backup, result)
         else:
-            swap_in_restored_copy(self.ctx, self.backup, result)
+            swap_in_restored_copy(self.ctx, self.backup, result, self.before_swap)
+
+    def before_swap(self, copy: str, result: RollbackResult) -> None:
+        """A last change to the restored copy ``copy``, checked, before it is swapped in
+        (a full rollback downgrades it there)."""
 
     def validation(self) -> tuple[list[str] | None, Manifest | None]:
         # Row counts were compared where no application could write meanwhile: on the
@@ -257,7 +275,10 @@ def check_privileges(ctx: RollbackContext) -> None:
 
 
 def swap_in_restored_copy(
-    ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult
+    ctx: RollbackContext,
+    backup: VerifiedBackup,
+    result: RollbackResult,
+    before_swap: Callable[[str, RollbackResult], None] | None = None,
 ) -> None:
     """Restore into a scratch database, check it against the manifest, swap it in."""
     db = ctx.inspection.dbname
@@ -272,7 +293,7 @@ def swap_in_restored_copy(
             admin, db, registry.busy_record(admin, db, current_run_id(), state.comment, scratch)
         )
         try:
-            _restore_and_swap(ctx, backup, result, admin, state, scratch)
+            _restore_and_swap(ctx, backup, result, admin, state, scratch, before_swap)
         finally:
             if database_oid(admin, db) == original_oid:  # not swapped: still the original
                 set_comment(admin, db, state.comment)
@@ -287,6 +308,7 @@ def _restore_and_swap(
     admin: PgConnection,
     state: DatabaseLevelState,
     scratch: str,
+    before_swap: Callable[[str, RollbackResult], None] | None = None,
 ) -> None:
     db = ctx.inspection.dbname
     with restored_copy(
@@ -318,6 +340,8 @@ def _restore_and_swap(
                 "(the restored copy, before the swap)",
             )
         )
+        if before_swap is not None:
+            before_swap(copy.name, result)
         swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
         with step("swap") as details:
             result.unavailable_ms = swap_databases(

@@ -2,23 +2,42 @@
 
 read-only checks (connection, privileges, lock free, versions) → :meth:`Procedure.prepare`
 (e.g. a verified backup) → the plan (all a dry run does) → confirmation in protected
-environments → lock → safety backup → :meth:`Procedure.apply` → validation → lock
-released. Nothing about the live database changes before ``apply``.
+environments → lock → safety backup → :meth:`Procedure.apply` → validation → (recovered)
+→ the deferred safety backup → lock released. Nothing about the live database changes
+before ``apply``.
+
+A procedure whose change keeps the pre-rollback database whole (a swap keeps it under
+another name) defers its safety backup: :meth:`Procedure.deferred_safety_source` names that
+database, and the lifecycle dumps it once the live database is swapped and validated,
+still under the lock. The result reports the time to recovery (start → changed and
+validated) apart from the total time.
 
 Data, schema, full and undo rollbacks are procedures plugged into :func:`run_rollback`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rollback_cli.backups.create import BackupRequest, BackupResult, create_backup
+from rollback_cli.backups.create import (
+    BackupRequest,
+    BackupResult,
+    check_staging_writable,
+    create_backup,
+)
 from rollback_cli.checks import Check
-from rollback_cli.errors import ManualAttention, Refused, RollbackError, UsageError
+from rollback_cli.errors import (
+    Interrupted,
+    ManualAttention,
+    Refused,
+    RollbackError,
+    UsageError,
+)
 from rollback_cli.log import get_logger, step
 from rollback_cli.postgres.catalog import alembic_revisions, owns_database, role_privileges
 from rollback_cli.postgres.checks import missing_client_tools
@@ -34,7 +53,7 @@ from rollback_cli.rollback.artifacts import repair
 from rollback_cli.rollback.guard import confirm_protected
 from rollback_cli.rollback.migrations import Timeouts
 from rollback_cli.rollback.validate import validate_database
-from rollback_cli.storage import open_storage
+from rollback_cli.storage import open_storage, staging_dir_of
 
 if TYPE_CHECKING:
     from rollback_cli.backups.manifest import Manifest
@@ -51,6 +70,8 @@ class RollbackOptions:
     allow_other_database: bool = False
     no_safety_backup: bool = False
     no_rehearsal: bool = False
+    #: rehearse on a copy of the live database's data too, not only its schema
+    rehearse_with_data: bool = False
     accept_data_loss: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
     checks_file: Path | None = None
@@ -67,6 +88,14 @@ class RollbackResult:
     backup_used: str | None = None
     kept_database: str | None = None
     unavailable_ms: float | None = None
+    #: start of the command → the live database changed and validated
+    time_to_recovery_ms: float | None = None
+    #: start of the command → done, safety backup stored
+    total_ms: float | None = None
+    #: how long the safety backup took (after recovery when it was deferred)
+    safety_backup_ms: float | None = None
+    #: the database the safety backup was dumped from, when not the live one
+    safety_backup_source: str | None = None
     reverted: list[dict[str, Any]] = field(default_factory=list)
     rehearsal: dict[str, Any] | None = None
     validation: list[Check] = field(default_factory=list)
@@ -90,14 +119,20 @@ class RollbackResult:
             "backup_uri": safety.uri if safety else None,
             "backup_used": self.backup_used,
             "kept_database": self.kept_database,
-            "unavailable_ms": round(self.unavailable_ms, 1)
-            if self.unavailable_ms is not None
-            else None,
+            "unavailable_ms": _ms(self.unavailable_ms),
+            "time_to_recovery_ms": _ms(self.time_to_recovery_ms),
+            "total_ms": _ms(self.total_ms),
+            "safety_backup_ms": _ms(self.safety_backup_ms),
+            "safety_backup_source": self.safety_backup_source,
             "reverted": self.reverted,
             "rehearsal": self.rehearsal,
             "validation": [c.to_dict() for c in self.validation],
             "warnings": self.warnings,
         }
+
+
+def _ms(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None
 
 
 @dataclass
@@ -160,6 +195,8 @@ class RollbackContext:
     run: RunOptions
     options: RollbackOptions
     inspection: Inspection
+    #: ``time.monotonic()`` when the command started: time to recovery counts from here
+    started: float = field(default_factory=time.monotonic)
 
 
 class Procedure:
@@ -170,6 +207,12 @@ class Procedure:
     action: str = ""
     #: whether the lifecycle takes a safety backup before :meth:`apply`
     takes_safety_backup: bool = True
+
+    def deferred_safety_source(self, result: RollbackResult) -> str | None:
+        """The database that, after :meth:`apply`, still holds the whole pre-rollback state
+        (the one a swap kept), or None. When named, the lifecycle dumps it as the safety
+        backup of the live database after validation, off the time to recovery."""
+        return None
 
     def __init__(self, ctx: RollbackContext) -> None:
         self.ctx = ctx
@@ -199,6 +242,7 @@ def rollback_context(
     target: Target, storage: StorageConfig, run: RunOptions, options: RollbackOptions
 ) -> RollbackContext:
     """Check the options, repair what a killed run left half-way, inspect the target."""
+    started = time.monotonic()
     if options.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {options.strategy!r}: use swap or in-place")
     if options.no_safety_backup and target.is_protected:
@@ -207,7 +251,7 @@ def rollback_context(
         )
     if not run.dry_run:
         repair(target)
-    return RollbackContext(target, storage, run, options, inspect_target(target))
+    return RollbackContext(target, storage, run, options, inspect_target(target), started)
 
 
 def run_rollback(procedure: Procedure) -> RollbackResult:
@@ -239,12 +283,36 @@ def _run(procedure: Procedure) -> RollbackResult:
         with rollback_lock(ctx.target.conninfo, ctx.target.dbname):
             if procedure.takes_safety_backup:
                 take_safety_backup(ctx, result)
-            procedure.apply(result)
-            # Validated before the lock goes, so no other run starts on an unchecked database.
-            expected, manifest = procedure.validation()
-            _finish_validation(ctx, result, expected, manifest)
+            try:
+                procedure.apply(result)
+                # Validated before the lock goes, so no other run starts on an unchecked
+                # database.
+                expected, manifest = procedure.validation()
+                _finish_validation(ctx, result, expected, manifest)
+            except ManualAttention as exc:
+                source = procedure.deferred_safety_source(result)
+                if source is None:
+                    raise
+                raise ManualAttention(
+                    f"{exc.message}; {_safety_after_failure(ctx, result, source)}",
+                    hint=exc.hint,
+                ) from None
+            result.time_to_recovery_ms = _elapsed_ms(ctx)
+            get_logger().info(
+                "recovered",
+                database=ctx.inspection.dbname,
+                time_to_recovery_ms=round(result.time_to_recovery_ms, 1),
+            )
+            source = procedure.deferred_safety_source(result)
+            if source is not None:
+                take_deferred_safety_backup(ctx, result, source)
         result.revision_after = procedure.revision_after(result)
+    result.total_ms = _elapsed_ms(ctx)
     return result
+
+
+def _elapsed_ms(ctx: RollbackContext) -> float:
+    return (time.monotonic() - ctx.started) * 1000
 
 
 def plan_safety_backup(ctx: RollbackContext, result: RollbackResult, what: str) -> None:
@@ -256,6 +324,13 @@ def plan_safety_backup(ctx: RollbackContext, result: RollbackResult, what: str) 
     )
 
 
+def check_safety_storage(ctx: RollbackContext) -> None:
+    """For a safety backup taken after the change: its storage must be writable now, so a
+    misconfigured one is refused while nothing has changed."""
+    if not ctx.options.no_safety_backup:
+        check_staging_writable(staging_dir_of(ctx.storage))
+
+
 def plan_validation(ctx: RollbackContext, result: RollbackResult, what: str) -> None:
     checks_file = ctx.options.checks_file
     result.plan_step(
@@ -264,27 +339,88 @@ def plan_validation(ctx: RollbackContext, result: RollbackResult, what: str) -> 
     )
 
 
-def take_safety_backup(ctx: RollbackContext, result: RollbackResult) -> None:
+def take_safety_backup(
+    ctx: RollbackContext, result: RollbackResult, *, source: str | None = None
+) -> None:
+    """The safety backup of the live database: a dump of it, or of ``source``, the database
+    that holds its pre-rollback state (recorded as a backup of the live database, with
+    ``source`` in the manifest)."""
     if ctx.options.no_safety_backup:
         result.warnings.append("safety backup skipped (--no-safety-backup)")
         get_logger().warning("safety backup skipped on request")
         return
-    with step("safety-backup"):
+    label = f"safety backup before {result.kind} rollback"
+    if source is not None:
+        label += f" (dumped from the kept database {source})"
+    started = time.monotonic()
+    with step("safety-backup", source=source or ctx.inspection.dbname):
         storage = open_storage(ctx.storage, ctx.target.environment)
         try:
             result.safety_backup = create_backup(
                 ctx.target,
                 storage,
                 BackupRequest(
-                    label=f"safety backup before {result.kind} rollback",
+                    label=label,
                     kind="safety",
                     lock_timeout_ms=ctx.options.timeouts.lock_timeout_ms,
+                    source_database=source,
                 ),
                 keep_local=ctx.storage.keep_local,
                 signing=ctx.storage.signing,
             )
         finally:
             storage.close()
+    result.safety_backup_ms = (time.monotonic() - started) * 1000
+    result.safety_backup_source = source
+
+
+def take_deferred_safety_backup(ctx: RollbackContext, result: RollbackResult, kept: str) -> None:
+    """After the swap: dump ``kept`` (the pre-rollback database, whole). The live database is
+    already rolled back and validated, so a failure here loses nothing: ``kept`` still holds
+    the previous state, and the message says so (exit 6)."""
+    try:
+        take_safety_backup(ctx, result, source=kept)
+    except RollbackError as exc:
+        raise ManualAttention(
+            f"{ctx.inspection.dbname} is rolled back and validated, but the safety backup "
+            f"failed: {exc.one_line()}; {_kept_note(kept)}"
+        ) from None
+    except OSError as exc:
+        raise ManualAttention(
+            f"{ctx.inspection.dbname} is rolled back and validated, but the safety backup "
+            f"failed: {exc.strerror or exc}; {_kept_note(kept)}"
+        ) from None
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted during the safety backup, after {ctx.inspection.dbname} was rolled "
+            f"back and validated; {_kept_note(kept)}"
+        ) from None
+
+
+def _kept_note(kept: str) -> str:
+    return (
+        f"the previous state is intact in the kept database {kept} (`rollback undo` swaps it "
+        "back; cleanup-artifacts removes it only past retention): fix the storage, then "
+        f"take a backup of it (pg_dump -Fc -d {kept})"
+    )
+
+
+def _safety_after_failure(ctx: RollbackContext, result: RollbackResult, kept: str) -> str:
+    """The deferred safety backup after a failure past the swap, best effort: what became
+    of it, for the failure's message."""
+    if ctx.options.no_safety_backup:
+        return f"the previous state is in the kept database {kept}"
+    try:
+        take_safety_backup(ctx, result, source=kept)
+    except (RollbackError, OSError) as exc:
+        reason = exc.one_line() if isinstance(exc, RollbackError) else str(exc)
+        get_logger().error("deferred safety backup failed", error=reason, kept_database=kept)
+        return f"the safety backup failed too ({reason}); {_kept_note(kept)}"
+    assert result.safety_backup is not None
+    return (
+        f"the previous state is in the kept database {kept} and in the safety backup "
+        f"{result.safety_backup.uri}"
+    )
 
 
 def _finish_validation(

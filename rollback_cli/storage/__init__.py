@@ -23,6 +23,7 @@ __all__ = [
     "open_storage",
     "open_uri",
     "staging_dir",
+    "staging_dir_of",
 ]
 
 REMOTE_SCHEMES = ("s3",)
@@ -73,6 +74,22 @@ def _split(uri: str) -> SplitResult:
     except ValueError:
         # urllib's message may repeat the URI, which may hold a credential: name no part.
         raise UsageError("storage location is not a valid URI (malformed host part)") from None
+
+
+def staging_dir_of(config: StorageConfig) -> Path:
+    """Where backups for ``config``'s storage are staged, without opening it (no client
+    for a remote one): the local directory itself, else the backup directory."""
+    target = config.storage
+    if not target:
+        return config.backup_dir
+    parts = _split(target)
+    if parts.scheme == "file":
+        return Path(unquote(parts.path))
+    if parts.scheme in REMOTE_SCHEMES:
+        return config.backup_dir
+    if not parts.scheme:
+        return Path(target)
+    raise UsageError(f"unsupported storage {target!r}: use file:///path or s3://bucket/prefix")
 
 
 def staging_dir(storage: Storage) -> Path:

@@ -1,0 +1,349 @@
+"""Time to recovery of a data rollback, and backup speed, against the raw tools in one run.
+
+One throwaway PostgreSQL server, one pgbench database of about ``--size-mb`` (default
+100 MB, ``BENCH_SIZE_MB`` in the environment; the documented figure is at ~750 MB). Ratios
+measured in the same run on the same machine (section 8 of DESIGN.md):
+
+* time to recovery of ``db-rollback rollback data`` (process start → the log event
+  ``recovered``: swapped and validated) ÷ a bare ``pg_restore -j N`` of the same backup
+  into a new database (same jobs); and ÷ the original script's approach;
+* total ``rollback data`` (safety backup stored) ÷ the original script's approach: plain
+  ``pg_dump`` (its safety backup) + ``dropdb`` + ``createdb`` + ``psql -f`` of a plain backup;
+* ``backup create`` ÷ raw ``pg_dump`` with the same format and compression.
+
+Every measurement runs ``--repeat`` times, alternating ours and the raw tool; the best
+of each is compared (the cores are shared with other work: the best is the least disturbed).
+The table goes to stdout, then one JSON line (``--json-out FILE`` writes it to a file too).
+
+    .venv/bin/python bench/bench_recovery.py                 # ~100 MB
+    BENCH_SIZE_MB=750 .venv/bin/python bench/bench_recovery.py --repeat 1
+
+The test server runs with fsync=off: absolute times are lower than on a durable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devtools.postgres import PostgresCluster, debian_bin_dir, embedded_bin_dir  # noqa: E402
+from rollback_cli.backups.dump import compress_args  # noqa: E402
+
+MB_PER_SCALE = 15.0  # pgbench -i: about 15 MB of tables and indexes per scale unit
+DB = "bench"
+
+
+def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{Path(argv[0]).name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.monotonic()
+    done = run(argv, env)
+    return time.monotonic() - started, done
+
+
+def best(samples: list[float]) -> float:
+    return min(samples)
+
+
+class Bench:
+    def __init__(self, server: PostgresCluster, work: Path, jobs: int) -> None:
+        self.server = server
+        self.work = work
+        self.jobs = jobs
+        self.bin = server.bin_dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DB_ROLLBACK_"))}
+        env.pop("DATABASE_URL", None)
+        self.env = {**env, **server.conninfo_env(DB)}
+        self.cli = [
+            sys.executable,
+            "-m",
+            "rollback_cli",
+            "--database-url",
+            server.url(DB),
+            "--backup-dir",
+            str(work / "backups"),
+            "--log-dir",
+            str(work / "logs"),
+            "--pg-bin-dir",
+            str(self.bin),
+            "--log-format",
+            "json",
+            "--json",
+        ]
+
+    def tool(self, name: str) -> str:
+        return str(self.bin / name)
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def fill(self, size_mb: float) -> tuple[int, int]:
+        scale = max(1, round(size_mb / MB_PER_SCALE))
+        self.server.create_database(DB)
+        run([self.tool("pgbench"), "-i", "-q", "-s", str(scale), DB], self.env)
+        self.server.execute("VACUUM ANALYZE", dbname=DB)
+        size = self.server.query("SELECT pg_database_size(%s)", (DB,))[0][0]
+        return scale, int(size)
+
+    def change_live(self) -> None:
+        """What a bad deploy did after the backup: the rollback has real work to undo."""
+        self.server.execute(
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 50 = 0", dbname=DB
+        )
+
+    def drop_extra_databases(self) -> None:
+        for name in self.server.databases():
+            if name not in (DB, "postgres"):
+                self.server.drop_database(name)
+
+    # -- backups -----------------------------------------------------------------------------
+
+    def ours_backup(self) -> tuple[float, dict[str, Any]]:
+        seconds, done = timed([*self.cli, "backup", "create", "--label", "bench"], self.env)
+        return seconds, json.loads(done.stdout)
+
+    def raw_dump(self, compression: str | None, fmt: str = "custom") -> float:
+        """pg_dump with the format and compression our backup recorded."""
+        argv = [self.tool("pg_dump"), f"--format={fmt}", "-f", str(self.work / "raw.dump")]
+        argv += compress_args(compression, self.server.major)
+        seconds, _ = timed([*argv, DB], self.env)
+        (self.work / "raw.dump").unlink()
+        return seconds
+
+    # -- restores ----------------------------------------------------------------------------
+
+    def bare_restore(self, backup: str) -> float:
+        """createdb + pg_restore -j N of the same backup into a new database."""
+        started = time.monotonic()
+        run([self.tool("createdb"), "bench_bare"], self.env)
+        run([self.tool("pg_restore"), f"--jobs={self.jobs}", "-d", "bench_bare", backup], self.env)
+        seconds = time.monotonic() - started
+        self.server.drop_database("bench_bare")
+        return seconds
+
+    def original_script(self, plain_backup: Path) -> float:
+        """The original rollback: plain pg_dump (safety), dropdb, createdb, psql -f."""
+        safety = self.work / "original_safety.sql"
+        started = time.monotonic()
+        run([self.tool("pg_dump"), "--format=plain", "-f", str(safety), DB], self.env)
+        run([self.tool("dropdb"), "--force", DB], self.env)
+        run([self.tool("createdb"), DB], self.env)
+        run(
+            [self.tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(plain_backup), DB],
+            self.env,
+        )
+        seconds = time.monotonic() - started
+        safety.unlink()
+        return seconds
+
+    def ours_rollback(self, backup: str) -> tuple[float, float, dict[str, Any]]:
+        """``rollback data``: (time to recovery seen from outside, total, its document).
+
+        Time to recovery runs from this process starting the CLI to the timestamp of the
+        CLI's ``recovered`` event (wall clocks of the same machine)."""
+        log_dir = self.work / "logs"
+        before = set(log_dir.glob("*.log")) if log_dir.is_dir() else set()
+        launched = time.time()
+        total, done = timed(
+            [*self.cli, "rollback", "data", "--backup-file", backup, "--jobs", str(self.jobs)],
+            self.env,
+        )
+        recovered_at = None
+        for path in set(log_dir.glob("*.log")) - before:
+            for line in path.read_text().splitlines():
+                event = json.loads(line)
+                if event.get("event") == "recovered":
+                    stamp = event["timestamp"].replace("Z", "+00:00")
+                    recovered_at = datetime.fromisoformat(stamp).timestamp()
+        if recovered_at is None:
+            sys.exit("rollback data logged no 'recovered' event")
+        return recovered_at - launched, total, json.loads(done.stdout)
+
+
+def alternate(repeat: int, *measures: Callable[[], float]) -> list[list[float]]:
+    samples: list[list[float]] = [[] for _ in measures]
+    for _ in range(repeat):
+        for index, measure in enumerate(measures):
+            samples[index].append(measure())
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--size-mb",
+        type=float,
+        default=float(os.environ.get("BENCH_SIZE_MB", "100")),
+        help="database size to generate (default 100, or BENCH_SIZE_MB)",
+    )
+    parser.add_argument("--major", type=int, choices=(15, 18), default=15)
+    parser.add_argument("--jobs", type=int, default=2, help="pg_restore jobs, ours and bare")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    bin_dir = debian_bin_dir(15) if args.major == 15 else embedded_bin_dir()
+    if bin_dir is None:
+        sys.exit(f"no PostgreSQL {args.major} server binaries here")
+    cores = len(os.sched_getaffinity(0))
+    load_before = os.getloadavg()[0]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp,
+        PostgresCluster(bin_dir).start() as server,
+    ):
+        work = Path(tmp)
+        bench = Bench(server, work, args.jobs)
+        scale, size = bench.fill(args.size_mb)
+        print(
+            f"PostgreSQL {server.major}, pgbench scale {scale}: {size / 2**20:.0f} MB; "
+            f"{cores} cores (shared with other work: load average {load_before:.2f} at start)",
+            flush=True,
+        )
+
+        # backup create vs pg_dump, same format and compression (what ours picked).
+        backups: list[dict[str, Any]] = []
+
+        def ours_backup() -> float:
+            seconds, doc = bench.ours_backup()
+            backups.append(doc)
+            return seconds
+
+        ours_backup()  # warm-up: imports compiled, client found, caches warm
+        compression = _manifest(backups[-1])["compression"]
+        ours_b, raw_b = alternate(args.repeat, ours_backup, lambda: bench.raw_dump(compression))
+        backup = backups[-1]["backup_file"]
+        plain = work / "backup_plain.sql"
+        run([bench.tool("pg_dump"), "--format=plain", "-f", str(plain), DB], bench.env)
+
+        # Rollbacks: each one starts from a changed live database.
+        ttr: list[float] = []
+        total: list[float] = []
+        docs: list[dict[str, Any]] = []
+
+        def ours_rollback() -> float:
+            bench.change_live()
+            outside_ttr, seconds, doc = bench.ours_rollback(backup)
+            bench.drop_extra_databases()
+            ttr.append(outside_ttr)
+            docs.append(doc)
+            total.append(seconds)
+            return seconds
+
+        def original() -> float:
+            bench.change_live()
+            return bench.original_script(plain)
+
+        bare, _, original_s = alternate(
+            args.repeat, lambda: bench.bare_restore(backup), ours_rollback, original
+        )
+        load_after = os.getloadavg()[0]
+
+    report = {
+        "postgres_major": server.major,
+        "database_mb": round(size / 2**20),
+        "pgbench_scale": scale,
+        "cores": cores,
+        "cores_shared": True,
+        "load_average": [round(load_before, 2), round(load_after, 2)],
+        "repeat": args.repeat,
+        "jobs": args.jobs,
+        "compression": compression,
+        "seconds": {
+            "time_to_recovery": best(ttr),
+            "time_to_recovery_reported": min(d["time_to_recovery_ms"] for d in docs) / 1000,
+            "rollback_total": best(total),
+            "safety_backup": min(d["safety_backup_ms"] for d in docs) / 1000,
+            "bare_pg_restore": best(bare),
+            "original_script": best(original_s),
+            "backup_create": best(ours_b),
+            "raw_pg_dump": best(raw_b),
+        },
+    }
+    s = report["seconds"]
+    report["ratios"] = {
+        "time_to_recovery/bare_pg_restore": s["time_to_recovery"] / s["bare_pg_restore"],
+        "time_to_recovery/original_script": s["time_to_recovery"] / s["original_script"],
+        "rollback_total/original_script": s["rollback_total"] / s["original_script"],
+        "backup_create/raw_pg_dump": s["backup_create"] / s["raw_pg_dump"],
+    }
+    report["backup_create_extra_ms"] = round((s["backup_create"] - s["raw_pg_dump"]) * 1000)
+    _print_table(report)
+    line = json.dumps(report, sort_keys=True)
+    print(line)
+    if args.json_out:
+        args.json_out.write_text(line + "\n", encoding="utf-8")
+
+
+def _manifest(doc: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(f"{doc['backup_file']}.json").read_text())
+    return data
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    s, r = report["seconds"], report["ratios"]
+    rows = [
+        (
+            "time to recovery ÷ bare pg_restore",
+            s["time_to_recovery"],
+            s["bare_pg_restore"],
+            r["time_to_recovery/bare_pg_restore"],
+            "≤ 1.10",
+        ),
+        (
+            "time to recovery ÷ original script",
+            s["time_to_recovery"],
+            s["original_script"],
+            r["time_to_recovery/original_script"],
+            "≤ 0.80",
+        ),
+        (
+            "rollback data total ÷ original script",
+            s["rollback_total"],
+            s["original_script"],
+            r["rollback_total/original_script"],
+            "≤ 1.00",
+        ),
+        (
+            f"backup create ÷ pg_dump -Fc ({report['compression'] or 'default'})",
+            s["backup_create"],
+            s["raw_pg_dump"],
+            r["backup_create/raw_pg_dump"],
+            "≤ 1.05 (750 MB)",
+        ),
+    ]
+    print()
+    print(f"{'measure':<44} {'ours s':>8} {'raw s':>8} {'ratio':>7}  target")
+    for name, ours, raw, ratio, target in rows:
+        print(f"{name:<44} {ours:8.2f} {raw:8.2f} {ratio:7.2f}  {target}")
+    print(
+        f"backup create extra: {report['backup_create_extra_ms']} ms (target ≤ 150 ms at "
+        f"~100 MB); safety backup after recovery: {s['safety_backup']:.2f} s; time to recovery "
+        "reported by the CLI (from its start, after imports): "
+        f"{s['time_to_recovery_reported']:.2f} s"
+    )
+    print(
+        f"{report['database_mb']} MB, PostgreSQL {report['postgres_major']}, "
+        f"{report['cores']} cores shared with other work (load average "
+        f"{report['load_average'][0]} → {report['load_average'][1]}), best of {report['repeat']}"
+    )
+    print()
+
+
+if __name__ == "__main__":
+    main()
