@@ -48,10 +48,8 @@ def readme_commands() -> list[str]:
             pending = text[:-1] + " "
             continue
         pending = ""
-        if (
-            text.startswith("db-rollback ")
-            or (text.startswith("DATABASE_URL=")
-            and ("db-rollback " in text))
+        if text.startswith("db-rollback ") or (
+            text.startswith("DATABASE_URL=") and ("db-rollback " in text)
         ):
             commands.append(text)
     return commands

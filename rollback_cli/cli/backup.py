@@ -42,7 +42,12 @@ def backup() -> None:
     show_default=True,
     help="Parallel dump jobs (directory format only).",
 )
-@click.option("--compress", metavar="METHOD[:LEVEL]", help="gzip, lz4, zstd or none, e.g. zstd:3.")
+@click.option(
+    "--compress",
+    metavar="METHOD[:LEVEL]",
+    help="auto (default): zstd or lz4 when this pg_dump (16+) has them, else gzip; or gzip, "
+    "lz4, zstd, none with an optional :LEVEL, e.g. zstd:3. Plain format is never compressed.",
+)
 @click.option("--label", help="Free text stored in the manifest, e.g. the release.")
 @click.option(
     "--lock-timeout",

@@ -189,8 +189,13 @@ def rollback(app: App) -> Callable[[dict[str, Any]], None]:
         if app.dry_run:
             plan(doc["plan"])
             for step in doc.get("reverted") or []:
-                click.echo(f"\n-- downgrade SQL of {step['revision']} ({step['message']}):")
-                click.echo(step["sql"].rstrip() or "-- (empty)")
+                if "executed_sql" in step:
+                    what = f"SQL the rehearsal ran for {step['revision']}"
+                    what += f" ({step['message']}; {step['duration_ms']} ms)"
+                else:
+                    what = f"downgrade SQL of {step['revision']} ({step['message']}; offline)"
+                click.echo(f"\n-- {what}:")
+                click.echo(step["sql"].rstrip() or "-- (no statement)")
         else:
             click.echo(rollback_summary(doc))
             if doc.get("backup_uri"):
@@ -202,6 +207,15 @@ def rollback(app: App) -> Callable[[dict[str, Any]], None]:
                 )
             if doc.get("unavailable_ms") is not None:
                 click.echo(f"  unavailable for {doc['unavailable_ms']} ms")
+            if doc.get("time_to_recovery_ms") is not None:
+                line = f"  recovered in {doc['time_to_recovery_ms'] / 1000:.1f} s (live, validated)"
+                if doc.get("total_ms") is not None:
+                    line += f"; total {doc['total_ms'] / 1000:.1f} s"
+                if doc.get("safety_backup_source"):
+                    line += (
+                        f", the safety backup of the kept {doc['safety_backup_source']} after it"
+                    )
+                click.echo(line)
         for warning in doc.get("warnings") or []:
             click.echo(f"  ! {warning}")
 

@@ -29,7 +29,6 @@ from rollback_cli.rollback.artifacts import kept_databases, undo_candidate
 from rollback_cli.rollback.migrations import known_revision, script_directory, target_config
 
 if TYPE_CHECKING:
-
     from rollback_cli.settings import Target
 
 LONG_RUNNING_SECONDS = 300
