@@ -342,6 +342,8 @@ def _stream_dump(
             if progress is not None and time.monotonic() - last_report >= 0.5:
                 last_report = time.monotonic()
                 progress(size, last_report - started)
+        if progress is not None and size:
+            progress(size, time.monotonic() - started)  # the final size, however fast
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest(), size, archive_version_from_header(header)
