@@ -16,8 +16,9 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -478,3 +479,18 @@ def step(name: str, **fields: Any) -> Iterator[dict[str, Any]]:
         )
     finally:
         structlog.contextvars.bind_contextvars(step=previous)
+
+
+#: Who shows progress of long steps (``label, done, total, unit``): the command line sets
+#: one on a terminal; without one, progress is not measured at all.
+ProgressSink = Callable[[str, int, "int | None", str], None]
+_progress_sink: ContextVar[ProgressSink | None] = ContextVar("progress_sink", default=None)
+
+
+def set_progress_sink(sink: ProgressSink | None) -> None:
+    _progress_sink.set(sink)
+
+
+def progress_sink() -> ProgressSink | None:
+    """The sink to report a long step's progress to, or None (then nothing is counted)."""
+    return _progress_sink.get()

@@ -382,3 +382,41 @@ def test_no_progress_without_a_terminal(project: Project) -> None:
     run = project.run("backup", "create")
     assert run.exit_code == 0, run.stderr
     assert "\r" not in run.stderr and "  dump  [" not in run.stderr
+
+
+def test_restore_progress_counts_tables_on_a_terminal(
+    project: Project, cli_env: dict[str, str]
+) -> None:
+    """A data rollback's restore shows a bar of the tables loaded, of the archive's total;
+    the finished step's line takes its place."""
+    backup = project.backup()
+    args = [a for a in project.base_args() if a not in ("--log-format", "json")]
+    code, stdout, stderr = _on_a_terminal(
+        [sys.executable, "-m", "rollback_cli", *args, "rollback", "data", "--backup-file", backup],
+        cli_env,
+    )
+    assert code == 0, stderr
+    assert "data rolled back" in stdout
+    tables = len(project.db.query("SELECT 1 FROM pg_tables WHERE schemaname = 'public'"))
+    assert "  restore  [" in stderr and f"{tables}/{tables}" in stderr and "tables" in stderr
+    assert "processing data" not in stderr and "finished item" not in stderr
+
+
+def test_a_failing_restore_on_a_terminal_names_the_error_not_the_verbose_lines(
+    project: Project, cli_env: dict[str, str]
+) -> None:
+    """With progress counted (pg_restore --verbose), the error line is still pg_restore's
+    error: a table named error_log does not take its place."""
+    project.db.execute("CREATE TABLE error_log (id int); INSERT INTO error_log VALUES (1)")
+    # The restore fails on a role the backup names that this server lacks.
+    project.db.execute("CREATE ROLE ghost_owner; ALTER TABLE error_log OWNER TO ghost_owner")
+    owned = project.backup()
+    project.db.execute("ALTER TABLE error_log OWNER TO CURRENT_USER; DROP ROLE ghost_owner")
+    args = [a for a in project.base_args() if a not in ("--log-format", "json")]
+    code, _, stderr = _on_a_terminal(
+        [sys.executable, "-m", "rollback_cli", *args, "rollback", "data", "--backup-file", owned],
+        cli_env,
+    )
+    assert code == 5, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "ghost_owner" in last and "does not exist" in last, last

@@ -73,6 +73,37 @@ def progress_printer(
     return show
 
 
+def step_progress(app: App) -> Callable[[str, int, int | None, str], None] | None:
+    """A progress bar on stderr per long step that counts items (``restore``: tables of
+    ``total``), fed ``(label, done, total, unit)``; None without a terminal, with --json,
+    or when stderr carries JSON lines. Like the dump's, the step's own line replaces it."""
+    if app.json_output or app.log_format != "console" or not sys.stderr.isatty():
+        return None
+    bars: dict[str, dict[str, Any]] = {}
+
+    def show(label: str, done: int, total: int | None, unit: str) -> None:
+        state = bars.get(label)
+        if state is None or state["total"] != total or done < state["pos"]:
+            state = {
+                "bar": click.progressbar(
+                    length=total or 0,
+                    label=f"  {label}",
+                    file=sys.stderr,
+                    width=24,
+                    show_pos=True,
+                    show_eta=bool(total),
+                    item_show_func=lambda _: unit,
+                ),
+                "pos": 0,
+                "total": total,
+            }
+            bars[label] = state
+        state["bar"].update(done - state["pos"], unit)
+        state["pos"] = done
+
+    return show
+
+
 def end_live_line() -> None:
     """Clear a line a progress bar or a running step left open on the terminal, so that
     what follows starts at the left margin."""

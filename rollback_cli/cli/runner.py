@@ -84,6 +84,9 @@ def run(
         level=app.log_level,
         run_id=run_id,
     )
+    from rollback_cli.cli.render import step_progress
+
+    log.set_progress_sink(step_progress(app))
     started = time.monotonic()
     result, code, outcome, message = _call(app, command, call, api, log)
     document = _document(command, code, outcome, run_id, app.environment, log_file, message)

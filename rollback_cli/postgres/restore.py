@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from psycopg2 import sql
 
 from rollback_cli.errors import BackupError, OperationFailed, Refused
-from rollback_cli.log import get_logger, redactor
+from rollback_cli.log import ProgressSink, get_logger, progress_sink, redactor
 from rollback_cli.postgres.clients import (
     ClientTools,
     child_environment,
@@ -163,21 +164,81 @@ def restore_into(
         no_owner=no_owner,
         single_transaction=single_transaction,
     )
+    sink = progress_sink()
+    total = table_data_entries(tools, artifact) if sink is not None else None
     with (
         child_environment(conninfo, dbname, lock_timeout_ms=lock_timeout_ms, role=role) as env,
         tempfile.TemporaryFile() as stderr_file,
     ):
-        result = subprocess.run(
-            argv,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr_file,
-            env=env,
-            pass_fds=env.pass_fds,
-            check=False,
-        )
-        if result.returncode != 0:
-            reason = error_tail(stderr_file, f"exit {result.returncode}")
+        if sink is None or total is None:
+            returncode = subprocess.run(
+                argv,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr_file,
+                env=env,
+                pass_fds=env.pass_fds,
+                check=False,
+            ).returncode
+        else:
+            returncode = _run_counted(argv, env, stderr_file, sink, total)
+        if returncode != 0:
+            reason = error_tail(stderr_file, f"exit {returncode}")
             raise OperationFailed(f"restore into {dbname} failed: {reason}")
+
+
+# pg_restore --verbose: one line a table's data once it is loaded (parallel or not), and the
+# lines of its other messages; only errors, warnings and their details are kept.
+_TABLE_LOADED = re.compile(
+    rb"^pg_restore: (?:finished item \d+ TABLE DATA|processing data for table)"
+)
+_KEPT = re.compile(rb"^pg_restore: (?:error|warning|detail|hint):|^(?!pg_restore: )")
+
+
+def table_data_entries(tools: ClientTools, artifact: Path) -> int | None:
+    """How many tables' data ``artifact`` (custom or directory) holds, from its table of
+    contents; None when it cannot be read (progress is then not shown)."""
+    listed = subprocess.run(
+        [tools.pg_restore, "--list", str(artifact)],
+        env=offline_environment(),
+        capture_output=True,
+        check=False,
+    )
+    if listed.returncode != 0:
+        return None
+    return sum(
+        1
+        for line in listed.stdout.splitlines()
+        if not line.startswith(b";") and b" TABLE DATA " in line
+    )
+
+
+def _run_counted(
+    argv: list[str], env: Any, stderr_file: IO[bytes], sink: ProgressSink, total: int
+) -> int:
+    """pg_restore with --verbose, its tables counted as they are loaded; what it reports
+    besides goes to ``stderr_file`` (for the error message)."""
+    process = subprocess.Popen(
+        [*argv, "--verbose"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        pass_fds=env.pass_fds,
+    )
+    assert process.stderr is not None
+    done = 0
+    try:
+        sink("restore", 0, total, "tables")
+        for line in process.stderr:
+            if _TABLE_LOADED.match(line):
+                done += 1
+                sink("restore", min(done, total), total, "tables")
+            elif _KEPT.match(line):
+                stderr_file.write(line)
+        return process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def _restore_argv(
