@@ -21,47 +21,46 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollback_cli import API
-from rollback_cli.backups.catalog import BackupEntry, cleanup_backups, list_backups
-from rollback_cli.backups.create import BackupRequest, BackupResult, create_backup, plan_backup
-from rollback_cli.backups.drill import DrillReport, DrillRequest, run_drill
-from rollback_cli.backups.dump import ProgressCallback
-from rollback_cli.backups.verify import VerifyResult, verify_backup
-from rollback_cli.checks import Check
 from rollback_cli.errors import UsageError
-from rollback_cli.rollback.artifacts import (
-    STALE_TEMP_SECONDS,
-    CleanupReport,
-    kept_databases_if_reachable,
-)
-from rollback_cli.rollback.artifacts import (
-    cleanup_artifacts as _cleanup_artifacts,
-)
-from rollback_cli.rollback.data import DataRollback
-from rollback_cli.rollback.full import FullRollback
-from rollback_cli.rollback.lifecycle import (
-    RollbackOptions,
-    RollbackResult,
-    rollback_context,
-    run_rollback,
-)
-from rollback_cli.rollback.migrations import Timeouts as Timeouts
-from rollback_cli.rollback.schema import SchemaRollback
-from rollback_cli.rollback.status import preflight
-from rollback_cli.rollback.undo import UndoRollback
-from rollback_cli.rollback.validate import read_checks_file
-from rollback_cli.rollback.validate import validate as _validate
 from rollback_cli.settings import RunOptions, StorageConfig, Target
-from rollback_cli.storage import open_storage
+
+# Each function imports the pipeline it runs when it runs: a command loads only what it
+# uses, so the command line starts fast.
+if TYPE_CHECKING:
+    from rollback_cli.backups.catalog import BackupEntry
+    from rollback_cli.backups.create import BackupRequest, BackupResult
+    from rollback_cli.backups.drill import DrillReport
+    from rollback_cli.backups.dump import ProgressCallback
+    from rollback_cli.backups.verify import VerifyResult
+    from rollback_cli.checks import Check
+    from rollback_cli.rollback.artifacts import CleanupReport
+    from rollback_cli.rollback.lifecycle import RollbackOptions, RollbackResult
+    from rollback_cli.rollback.migrations import Timeouts as Timeouts
 
 __all__ = list(API)  # the package lists the API once, for both import paths
 
 NO_RUN = RunOptions()
+
+#: types of the API that live in the pipelines' modules, loaded on first use
+_LAZY_TYPES = {
+    "BackupRequest": "rollback_cli.backups.create",
+    "RollbackOptions": "rollback_cli.rollback.lifecycle",
+    "RollbackResult": "rollback_cli.rollback.lifecycle",
+    "Timeouts": "rollback_cli.rollback.migrations",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_TYPES:
+        return getattr(importlib.import_module(_LAZY_TYPES[name]), name)
+    raise AttributeError(f"module 'rollback_cli.api' has no attribute {name!r}")
 
 
 # --- backups ------------------------------------------------------------------------------
@@ -103,6 +102,9 @@ def backup_create(
     ``request.lock_timeout_ms`` (default 5000; 0 waits forever) bounds every wait for a table
     lock another session holds; reaching it raises OperationFailed (exit 5), nothing written.
     """
+    from rollback_cli.backups.create import BackupRequest, create_backup, plan_backup
+    from rollback_cli.storage import open_storage
+
     request = request or BackupRequest()
     store = open_storage(storage, target.environment)
     try:
@@ -145,6 +147,10 @@ def backup_list(
 ) -> BackupListing:
     """Backups in ``storage`` (and its staging directory), newest first; with a reachable
     ``target``, also the pre-rollback databases ``rollback undo`` can swap back."""
+    from rollback_cli.backups.catalog import list_backups
+    from rollback_cli.rollback.artifacts import kept_databases_if_reachable
+    from rollback_cli.storage import open_storage
+
     store = open_storage(storage, environment)
     try:
         entries = list_backups(store)
@@ -195,6 +201,8 @@ def backup_verify(
     """Check a backup's manifest, size, sha256 and readability; ``restore_test`` also
     restores it into a scratch database on ``target``'s server (a dry run only plans that,
     since it creates a database)."""
+    from rollback_cli.backups.verify import verify_backup
+
     if restore_test and target is None and not run.dry_run:
         raise UsageError("a restore test needs a database server: pass a target")
     result = verify_backup(
@@ -231,6 +239,9 @@ def backup_cleanup(
 
     ``keep_last`` counts per location, database and backup type (full, schema, data); the
     newest valid full backup of each database in each location is never removed."""
+    from rollback_cli.backups.catalog import cleanup_backups
+    from rollback_cli.storage import open_storage
+
     store = open_storage(storage, environment)
     try:
         result = cleanup_backups(
@@ -285,6 +296,9 @@ def drill(
     check. The live database is only read. A bad checks file is a UsageError (exit 2),
     raised before anything else happens. A dry run picks, age-checks and verifies the
     backup and returns the plan; it makes no scratch database."""
+    from rollback_cli.backups.drill import DrillRequest, run_drill
+    from rollback_cli.rollback.validate import read_checks_file
+
     checks = read_checks_file(checks_file) if checks_file is not None else []
     request = DrillRequest(
         backup_ref=backup_ref,
@@ -320,6 +334,8 @@ def status(target: Target, *, require_alembic_config: bool = False) -> StatusRes
     one directory), privileges, revisions, locks, sessions. Raises ConfigError (exit 3) or
     Refused (exit 7) when a rollback could not run; the error's ``report`` holds every
     check. ``require_alembic_config``: a missing ``target.alembic_config`` fails."""
+    from rollback_cli.rollback.status import preflight
+
     report = preflight(target, require_alembic_config=require_alembic_config)
     return StatusResult(report.checks, report.current_revision, report.head_revision)
 
@@ -359,6 +375,8 @@ def validate(
     (exit 5) when any fails. The SQL checks run read-only, each in its own transaction
     under a statement timeout; a dry run reads and parses them but does not run them.
     A table the role may not read is a ConfigError (exit 3)."""
+    from rollback_cli.rollback.validate import validate as _validate
+
     return ValidationResult(
         _validate(
             target,
@@ -390,11 +408,17 @@ def cleanup_artifacts(
     storage: StorageConfig,
     *,
     keep_days: float = 7,
-    temp_age_seconds: float = STALE_TEMP_SECONDS,
+    temp_age_seconds: float | None = None,
     run: RunOptions = NO_RUN,
 ) -> ArtifactsCleaned:
     """Drop kept databases past ``keep_days``, stray scratch databases, Alembic temp tables
-    and temp files; needs confirmation in protected environments."""
+    and temp files (``temp_age_seconds``: older than that; default an hour); needs
+    confirmation in protected environments."""
+    from rollback_cli.rollback.artifacts import STALE_TEMP_SECONDS
+    from rollback_cli.rollback.artifacts import cleanup_artifacts as _cleanup_artifacts
+
+    if temp_age_seconds is None:
+        temp_age_seconds = STALE_TEMP_SECONDS
     return ArtifactsCleaned(
         _cleanup_artifacts(
             target, storage, run, keep_days=keep_days, temp_age_seconds=temp_age_seconds
@@ -414,6 +438,9 @@ def rollback_data(
     run: RunOptions = NO_RUN,
 ) -> RollbackResult:
     """Restore a verified backup in place of the live database (swap or in-place)."""
+    from rollback_cli.rollback.data import DataRollback
+    from rollback_cli.rollback.lifecycle import RollbackOptions, rollback_context, run_rollback
+
     ctx = rollback_context(target, storage, run, options or RollbackOptions())
     return run_rollback(DataRollback(ctx, backup_ref))
 
@@ -427,6 +454,9 @@ def rollback_schema(
     run: RunOptions = NO_RUN,
 ) -> RollbackResult:
     """Downgrade with Alembic (in-process) to an ancestor of the current revision."""
+    from rollback_cli.rollback.lifecycle import RollbackOptions, rollback_context, run_rollback
+    from rollback_cli.rollback.schema import SchemaRollback
+
     ctx = rollback_context(target, storage, run, options or RollbackOptions())
     return run_rollback(SchemaRollback(ctx, to_revision))
 
@@ -441,6 +471,10 @@ def rollback_full(
     run: RunOptions = NO_RUN,
 ) -> RollbackResult:
     """The data rollback from ``backup_ref`` (when given), then the schema rollback."""
+    from rollback_cli.rollback.full import FullRollback
+    from rollback_cli.rollback.lifecycle import RollbackOptions, rollback_context, run_rollback
+    from rollback_cli.rollback.schema import SchemaRollback
+
     ctx = rollback_context(target, storage, run, options or RollbackOptions())
     if backup_ref is None:
         result = run_rollback(SchemaRollback(ctx, to_revision))
@@ -457,5 +491,8 @@ def rollback_undo(
     run: RunOptions = NO_RUN,
 ) -> RollbackResult:
     """Swap the database kept by the last data rollback back in."""
+    from rollback_cli.rollback.lifecycle import RollbackOptions, rollback_context, run_rollback
+    from rollback_cli.rollback.undo import UndoRollback
+
     ctx = rollback_context(target, storage, run, options or RollbackOptions())
     return run_rollback(UndoRollback(ctx))
