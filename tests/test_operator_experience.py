@@ -400,6 +400,8 @@ def test_restore_progress_counts_tables_on_a_terminal(
     tables = len(project.db.query("SELECT 1 FROM pg_tables WHERE schemaname = 'public'"))
     assert "  restore  [" in stderr and f"{tables}/{tables}" in stderr and "tables" in stderr
     assert "processing data" not in stderr and "finished item" not in stderr
+    # The safety backup, dumped from the kept database after the swap, shows its size.
+    assert "  safety-backup  [" in stderr and "KiB" in stderr
 
 
 def test_a_failing_restore_on_a_terminal_names_the_error_not_the_verbose_lines(

@@ -31,7 +31,7 @@ from rollback_cli.backups.dump import (
 from rollback_cli.backups.manifest import FORMAT_EXTENSIONS, Manifest, manifest_key, sign
 from rollback_cli.errors import ConfigError, OperationFailed
 from rollback_cli.files import TEMP_PREFIX, ensure_private_dir, remove_path, writing_in
-from rollback_cli.log import get_logger, redactor, step
+from rollback_cli.log import get_logger, progress_sink, redactor, step
 from rollback_cli.postgres.catalog import alembic_revisions
 from rollback_cli.postgres.clients import ClientTools, find_client
 from rollback_cli.postgres.connection import (
@@ -123,6 +123,8 @@ def create_backup(
     ``request.lock_timeout_ms``; reaching it is an OperationFailed naming the table.
     """
     request.check()
+    if progress is None:
+        progress = _shown_progress("safety-backup" if request.kind == "safety" else "dump")
     staging = staging_dir(storage)
     ensure_private_dir(staging)
     # Cleanup removes this run's temp files at once if it dies, never while it runs.
@@ -130,6 +132,14 @@ def create_backup(
         return _create_backup(
             target, storage, request, keep_local=keep_local, progress=progress, signing=signing
         )
+
+
+def _shown_progress(label: str) -> ProgressCallback | None:
+    """The dump's size so far, to the progress sink when one is shown (a terminal)."""
+    sink = progress_sink()
+    if sink is None:
+        return None
+    return lambda size, _elapsed: sink(label, size, None, "bytes")
 
 
 def _create_backup(

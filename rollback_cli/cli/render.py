@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -81,24 +82,35 @@ def step_progress(app: App) -> Callable[[str, int, int | None, str], None] | Non
         return None
     bars: dict[str, dict[str, Any]] = {}
 
+    def describe(item: str | None) -> str:
+        return item or ""
+
     def show(label: str, done: int, total: int | None, unit: str) -> None:
         state = bars.get(label)
         if state is None or state["total"] != total or done < state["pos"]:
             state = {
+                # A total when known (position and ETA); else a bar that pulses.
                 "bar": click.progressbar(
-                    length=total or 0,
+                    iter(()) if total is None else None,
+                    length=total,
                     label=f"  {label}",
                     file=sys.stderr,
                     width=24,
-                    show_pos=True,
+                    show_pos=total is not None,
                     show_eta=bool(total),
-                    item_show_func=lambda _: unit,
+                    item_show_func=describe,
                 ),
                 "pos": 0,
                 "total": total,
+                "started": time.monotonic(),
             }
             bars[label] = state
-        state["bar"].update(done - state["pos"], unit)
+        text = unit
+        if unit == "bytes":
+            elapsed = time.monotonic() - state["started"]
+            rate = f" {human_size(round(done / elapsed))}/s" if elapsed > 0 else ""
+            text = f"{human_size(done)}{rate}"
+        state["bar"].update(done - state["pos"], text)
         state["pos"] = done
 
     return show
