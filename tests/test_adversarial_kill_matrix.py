@@ -52,8 +52,8 @@ from tests.servers import PostgresCluster, TestDatabase, temporary_database
 STARTED = "step started"
 
 # (command, event, step, delay): the command's ids are data (swap strategy), inplace,
-# schema (head → REV_TIER), full (REV_TIER from a backup taken there) and undo (after one
-# completed data rollback).
+# schema (head → REV_TIER), full (REV_TIER from a backup taken there), fulldown (REV_TIER
+# from a backup taken at head) and undo (after one completed data rollback).
 POINTS = [
     # rollback data, swap strategy (the default)
     KillPoint("data", STARTED, "preflight"),
@@ -85,7 +85,11 @@ POINTS = [
     KillPoint("inplace", "sessions ended for the in-place restore"),
     KillPoint("inplace", "sessions ended for the in-place restore", delay=0.02),
     KillPoint("inplace", STARTED, "validate"),
-    # rollback schema --to-revision REV_TIER, from head
+    # rollback schema --to-revision REV_TIER, from head: the rehearsal on a copy first
+    KillPoint("schema", STARTED, "rehearsal-copy"),
+    KillPoint("schema", "restoring"),
+    KillPoint("schema", STARTED, "rehearsal"),
+    KillPoint("schema", STARTED, "rehearsal", delay=0.05),
     KillPoint("schema", "lock acquired"),
     KillPoint("schema", STARTED, "safety-backup"),
     KillPoint("schema", STARTED, "downgrade"),
@@ -96,6 +100,14 @@ POINTS = [
     KillPoint("full", STARTED, "verify-backup"),
     KillPoint("full", STARTED, "safety-backup"),
     KillPoint("full", STARTED, "restore", delay=0.02),
+    # rollback full from a backup at head down to REV_TIER: the restored copy is
+    # downgraded before the swap
+    KillPoint("fulldown", STARTED, "restore"),
+    KillPoint("fulldown", STARTED, "downgrade"),
+    KillPoint("fulldown", STARTED, "downgrade", delay=0.02),
+    KillPoint("fulldown", "connections blocked"),
+    KillPoint("fulldown", "databases swapped"),
+    KillPoint("fulldown", STARTED, "safety-backup"),
     KillPoint("full", "connections blocked"),
     KillPoint("full", "live database renamed"),
     KillPoint("full", "replacement renamed"),
@@ -169,6 +181,17 @@ def _scenario(
         return Scenario(
             project, ["rollback", "schema", "--to-revision", REV_TIER, "--yes"], [old, schema_new]
         )
+    if kind == "fulldown":
+        project.upgrade(REV_DROP_EMAIL)
+        backup = project.backup()
+        # What the rollback leaves: the backup's data, downgraded to REV_TIER.
+        _alembic_downgrade(project, REV_TIER)
+        downgraded = capture_state(project, "new (backup, downgraded)")
+        project.upgrade(REV_DROP_EMAIL)
+        _after_deploy(project)
+        old = capture_state(project, "old (head, changed)")
+        args = ["rollback", "full", "--to-revision", REV_TIER, "--backup-file", backup, "--yes"]
+        return Scenario(project, args, [old, downgraded])
     backup = project.backup()
     restored = capture_state(project, "new (backup)")
     _after_deploy(project)
