@@ -22,7 +22,7 @@ from rollback_cli.errors import ConfigError
 from rollback_cli.storage.base import sha256_file
 from rollback_cli.storage.s3 import MiB, S3Storage
 from tests.fixtures_s3 import SeaweedServer, free_ports
-from tests.rollback_helpers import REV_TIER, Project, log_events
+from tests.rollback_helpers import REV_TIER, Project, bulk_orders_sql, log_events
 from tests.servers import TestDatabase
 
 PREFIX = "ci"
@@ -427,3 +427,58 @@ def test_configuration_errors_exit_3_with_one_line(
     if case != "no-credentials":
         debug = [e for e in log_events(project) if e.get("event") == "s3 request failed"]
         assert debug and debug[-1].get("exception")
+
+
+# --- the dump streamed while pg_dump writes it ------------------------------------------
+
+
+def test_backup_create_streams_the_dump_and_it_round_trips(
+    project: Project, s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    """A custom-format dump to S3 goes up while pg_dump writes it (no upload afterwards);
+    the object has no sha256 metadata (the manifest holds it) and verifies and restores."""
+    project.db.execute(bulk_orders_sql(400_000))  # a dump of more than one 16 MiB part
+    args = s3_args(s3_bucket)
+    result, created = project.run_json(*args, "backup", "create", "--compress", "none")
+    assert result.exit_code == 0, result.stderr
+    events = log_events(project)
+    dump = [e for e in events if e.get("event") == "step started" and e.get("step") == "dump"]
+    assert dump and dump[-1]["streamed"] is True
+    assert any(e.get("event") == "s3 upload" and e.get("streamed") for e in events)
+    key = created["backup_uri"].split(f"s3://{s3_bucket}/", 1)[1]
+    client = s3_env.client()
+    head = client.head_object(Bucket=s3_bucket, Key=key, ChecksumMode="ENABLED")
+    assert head["ContentLength"] == created["backup_size"]
+    assert "sha256" not in head.get("Metadata", {})
+    client.close()
+
+    name = created["backup_uri"].rpartition("/")[2]
+    verified = project.run(*args, "backup", "verify", name, "--restore-test")
+    assert verified.exit_code == 0, verified.stderr
+    project.db.execute("DELETE FROM orders")
+    rolled = project.run(*args, "rollback", "data", "--backup-file", name)
+    assert rolled.exit_code == 0, rolled.stderr
+    assert project.db.query("SELECT count(*) FROM orders")[0][0] >= 400_000
+
+
+def test_a_dump_that_fails_while_streaming_leaves_no_object_and_no_upload(
+    project: Project, s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    """pg_dump gives up on a locked table mid-stream: the multipart upload is aborted,
+    nothing is listed, nothing is left to clean up."""
+    import psycopg2
+
+    project.db.execute(bulk_orders_sql(100_000))
+    holder = psycopg2.connect(project.db.url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+        result = project.run(*s3_args(s3_bucket), "backup", "create", "--lock-timeout", "200ms")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 5, result.stderr
+    client = s3_env.client()
+    assert object_keys(s3_env, s3_bucket) == []
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    client.close()

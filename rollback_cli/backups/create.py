@@ -44,7 +44,10 @@ from rollback_cli.postgres.connection import (
 from rollback_cli.storage import Storage, staging_dir
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rollback_cli.settings import ConnInfo, SigningKeys, Target
+    from rollback_cli.storage.base import ArtifactStream
 
 __all__ = [
     "BackupRequest",
@@ -196,7 +199,24 @@ def _create_backup(
             directory=request.fmt == "directory",
         )
         started = time.monotonic()
-        dumped = _dump(tools, request, snapshot, source, counter, name, temp_path, progress)
+        # A remote storage takes a single-file dump while pg_dump writes it.
+        stream = storage.stream(name) if request.fmt != "directory" else None
+        try:
+            dumped = _dump(
+                tools,
+                request,
+                snapshot,
+                source,
+                counter,
+                name,
+                temp_path,
+                progress,
+                stream.write if stream is not None else None,
+            )
+        except BaseException:
+            if stream is not None:
+                stream.abort()
+            raise
         snap_conn.rollback()
         final_path = staging / name
         temp_path.rename(final_path)
@@ -215,7 +235,7 @@ def _create_backup(
         if signing is not None and signing.active is not None:
             redactor.add_secret(signing.active)
             manifest = sign(manifest, signing.active)
-        local_path = _store(storage, final_path, manifest, keep_local=keep_local)
+        local_path = _store(storage, final_path, manifest, keep_local=keep_local, stream=stream)
         log.info(
             "backup created",
             backup=name,
@@ -291,12 +311,16 @@ def _dump(
     name: str,
     temp_path: Path,
     progress: ProgressCallback | None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> _Dumped:
-    """pg_dump into ``temp_path`` while ``counter`` counts the rows in the same snapshot."""
-    with step("dump", backup=name, type=request.backup_type, format=request.fmt) as details:
+    """pg_dump into ``temp_path`` (and ``tee``) while ``counter`` counts the rows in the
+    same snapshot."""
+    with step(
+        "dump", backup=name, type=request.backup_type, format=request.fmt, streamed=tee is not None
+    ) as details:
         try:
             sha256, size, archive_version = run_pg_dump(
-                tools, request, snapshot, source, temp_path, counter, progress
+                tools, request, snapshot, source, temp_path, counter, progress, tee
             )
         except BaseException:
             remove_path(temp_path)
@@ -307,18 +331,29 @@ def _dump(
 
 
 def _store(
-    storage: Storage, final_path: Path, manifest: Manifest, *, keep_local: bool
+    storage: Storage,
+    final_path: Path,
+    manifest: Manifest,
+    *,
+    keep_local: bool,
+    stream: ArtifactStream | None = None,
 ) -> Path | None:
-    """Store the dump, then its manifest; return the local copy that remains, if any."""
+    """Store the dump (finish its streamed upload), then its manifest; return the local
+    copy that remains, if any."""
     name = manifest.file_name
     staging = final_path.parent
-    with step("store", backup=name, storage=storage.uri()):
+    with step("store", backup=name, storage=storage.uri(), streamed=stream is not None):
         try:
-            storage.upload(
-                final_path, name, sha256=manifest.sha256 if final_path.is_file() else None
-            )
+            if stream is not None:
+                stream.finish()
+            else:
+                storage.upload(
+                    final_path, name, sha256=manifest.sha256 if final_path.is_file() else None
+                )
             storage.write_text(manifest_key(name), manifest.to_json())
         except BaseException as exc:
+            if stream is not None:
+                stream.abort()
             if storage.local_path(name) != final_path.resolve():
                 with contextlib.suppress(Exception):  # the server may be gone
                     storage.delete(name)

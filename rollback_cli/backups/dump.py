@@ -319,8 +319,9 @@ def _stream_dump(
     process: subprocess.Popen[bytes],
     destination: Path,
     progress: ProgressCallback | None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> tuple[str, int, str | None]:
-    """Copy pg_dump's stdout to ``destination`` while hashing it.
+    """Copy pg_dump's stdout to ``destination`` (and ``tee``) while hashing it.
 
     Returns the sha256, the size and the archive format version from the header.
     """
@@ -338,6 +339,8 @@ def _stream_dump(
                 header += chunk[:8]
             digest.update(chunk)
             out.write(chunk)
+            if tee is not None:
+                tee(chunk)
             size += len(chunk)
             if progress is not None and time.monotonic() - last_report >= 0.5:
                 last_report = time.monotonic()
@@ -426,7 +429,10 @@ def run_pg_dump(
     temp_path: Path,
     counter: RowCounter | None,
     progress: ProgressCallback | None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> tuple[str, int, str | None]:
+    """pg_dump into ``temp_path`` (hashed while it streams); ``tee`` gets every chunk too
+    (a streaming upload) for the single-file formats."""
     directory = request.fmt == "directory"
     argv = pg_dump_argv(tools, request, snapshot, temp_path if directory else None)
     with child_environment(conninfo) as env, tempfile.TemporaryFile() as stderr_file:
@@ -447,7 +453,7 @@ def run_pg_dump(
                 sha256 = size = None
                 archive_version = None
             else:
-                sha256, size, archive_version = _stream_dump(process, temp_path, progress)
+                sha256, size, archive_version = _stream_dump(process, temp_path, progress, tee)
                 process.wait()
         except BaseException as exc:
             # An interrupt (SIGINT, or SIGTERM via the runner) or a write error: nothing

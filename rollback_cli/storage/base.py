@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -25,6 +26,17 @@ class StoredObject:
     size: int
     modified: datetime
     is_dir: bool = False
+
+
+class ArtifactStream(Protocol):
+    """An artifact sent while it is written: ``write`` each chunk in order, then
+    ``finish`` (stored and checked) or ``abort`` (nothing left behind)."""
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def finish(self) -> object: ...
+
+    def abort(self) -> None: ...
 
 
 class Storage(ABC):
@@ -78,6 +90,12 @@ class Storage(ABC):
 
     def local_path(self, key: str) -> Path | None:
         """The artifact's path when it is already on the local filesystem, else None."""
+        return None
+
+    def stream(self, key: str) -> ArtifactStream | None:
+        """An upload of the single-file artifact ``key`` that takes it while it is being
+        written (a remote backend: the upload overlaps the dump), or None: then
+        :meth:`upload` stores it once it is complete."""
         return None
 
     def cleanup_incomplete(self, older_than_seconds: float, *, dry_run: bool = False) -> list[str]:

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from rollback_cli.errors import ConfigError, UsageError
 from rollback_cli.log import get_logger, redactor
-from rollback_cli.storage.base import Storage, StoredObject, join_key
+from rollback_cli.storage.base import ArtifactStream, Storage, StoredObject, join_key
 from rollback_cli.storage.s3.errors import s3_errors
 from rollback_cli.storage.s3.transfer import (
     DEFAULT_PART_SIZE,
@@ -27,6 +27,7 @@ from rollback_cli.storage.s3.transfer import (
     Bucket,
     Downloader,
     MiB,
+    StreamingUpload,
     Uploader,
     b64,
     plan_upload,
@@ -246,6 +247,19 @@ class S3Storage(Storage):
             mib_per_s=round(size / MiB / seconds, 1) if seconds else None,
         )
 
+    def stream(self, key: str) -> ArtifactStream:
+        """A multipart upload of ``key`` fed while pg_dump writes it: the upload overlaps
+        the dump (see transfer.StreamingUpload); S3 errors become the usual ones."""
+        with self._errors("upload"):
+            upload = StreamingUpload(
+                self._bucket,
+                self._object_key(key),
+                self._put_args(artifact=True),
+                self._min_part_size,
+                self._max_concurrency,
+            )
+        return _GuardedStream(upload, self)
+
     def download(self, key: str, destination: Path, *, sha256: str | None = None) -> None:
         """Fetch an artifact; every file is checked against its stored sha256 metadata.
 
@@ -325,6 +339,33 @@ class S3Storage(Storage):
 
     def close(self) -> None:
         self._client.close()
+
+
+class _GuardedStream:
+    """A streaming upload whose S3 errors are translated like every other call's."""
+
+    def __init__(self, upload: StreamingUpload, storage: S3Storage) -> None:
+        self.upload, self.storage = upload, storage
+
+    def write(self, chunk: bytes) -> None:
+        with self.storage._errors("upload"):
+            self.upload.write(chunk)
+
+    def finish(self) -> object:
+        started = time.monotonic()
+        with self.storage._errors("upload"):
+            sent = self.upload.finish()
+        get_logger().info(
+            "s3 upload",
+            uri=f"s3://{self.storage.bucket}/{sent.object_key}",
+            bytes=sent.size,
+            streamed=True,
+            finish_seconds=round(time.monotonic() - started, 3),
+        )
+        return sent
+
+    def abort(self) -> None:
+        self.upload.abort()
 
 
 def _client_config(

@@ -226,8 +226,7 @@ class Uploader:
             with contextlib.suppress(Exception):
                 client.abort_multipart_upload(Bucket=bucket, Key=object_key, UploadId=upload_id)
             raise
-        composite = zlib.crc32(b"".join(base64.b64decode(p["ChecksumCRC32"]) for p in parts))
-        return Sent(object_key, size, sha256, f"{_crc32_b64(composite)}-{len(parts)}")
+        return Sent(object_key, size, sha256, composite_crc32(parts))
 
     def _send_parts(
         self, handle: BinaryIO, object_key: str, upload_id: str, part_size: int
@@ -237,17 +236,7 @@ class Uploader:
         size = 0
 
         def send(number: int, data: bytes) -> None:
-            # zlib releases the GIL on large buffers: parts are checksummed in parallel.
-            crc = _crc32_b64(zlib.crc32(data))
-            response = self.bucket.client.upload_part(
-                Bucket=self.bucket.name,
-                Key=object_key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ChecksumCRC32=crc,
-            )
-            parts[number] = {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
+            parts[number] = upload_part(self.bucket, object_key, upload_id, number, data)
 
         with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="s3-part") as pool:
             pending: set[Future[None]] = set()
@@ -266,29 +255,149 @@ class Uploader:
         return [parts[n] for n in sorted(parts)], size
 
     def _verify(self, path: Path, sent: Sent) -> None:
-        """Check what S3 stored against what was sent: size, sha256 metadata, CRC32."""
-        head = self.bucket.head(sent.object_key, checksums=True)
-        problems = []
-        if head is None:
-            problems.append("the object is missing after upload")
-        else:
-            if int(head["ContentLength"]) != sent.size:
-                problems.append(f"size {head['ContentLength']} instead of {sent.size}")
-            if head.get("Metadata", {}).get("sha256") != sent.sha256:
-                problems.append("sha256 metadata differs")
-            stored = head.get("ChecksumCRC32")
-            if stored is not None and stored != sent.crc32:
-                problems.append(f"the server's CRC32 checksum {stored} differs from {sent.crc32}")
-        if problems:
-            raise BackupError(
-                f"upload of {path} to s3://{self.bucket.name}/{sent.object_key} failed "
-                f"verification: {'; '.join(problems)}"
-            )
+        verify_stored(self.bucket, str(path), sent, sha256_metadata=True)
 
     def _discard(self, object_keys: list[str]) -> None:
         """Best effort: remove what a failed upload left (the server may be gone)."""
         with contextlib.suppress(Exception):
             self.bucket.delete(object_keys)
+
+
+def upload_part(
+    bucket: Bucket, object_key: str, upload_id: str, number: int, data: bytes
+) -> dict[str, Any]:
+    """Send one part of a multipart upload with its CRC32 (S3 checks it on receipt)."""
+    # zlib releases the GIL on large buffers: parts are checksummed in parallel.
+    crc = _crc32_b64(zlib.crc32(data))
+    response = bucket.client.upload_part(
+        Bucket=bucket.name,
+        Key=object_key,
+        UploadId=upload_id,
+        PartNumber=number,
+        Body=data,
+        ChecksumCRC32=crc,
+    )
+    return {"PartNumber": number, "ETag": response["ETag"], "ChecksumCRC32": crc}
+
+
+def composite_crc32(parts: list[dict[str, Any]]) -> str:
+    """S3's checksum of a multipart object: the CRC32 of the parts' CRC32s, and their count."""
+    composite = zlib.crc32(b"".join(base64.b64decode(p["ChecksumCRC32"]) for p in parts))
+    return f"{_crc32_b64(composite)}-{len(parts)}"
+
+
+def verify_stored(bucket: Bucket, source: str, sent: Sent, *, sha256_metadata: bool) -> None:
+    """Check what S3 stored against what was sent: size, CRC32, the sha256 metadata."""
+    head = bucket.head(sent.object_key, checksums=True)
+    problems = []
+    if head is None:
+        problems.append("the object is missing after upload")
+    else:
+        if int(head["ContentLength"]) != sent.size:
+            problems.append(f"size {head['ContentLength']} instead of {sent.size}")
+        if sha256_metadata and head.get("Metadata", {}).get("sha256") != sent.sha256:
+            problems.append("sha256 metadata differs")
+        stored = head.get("ChecksumCRC32")
+        if stored is not None and stored != sent.crc32:
+            problems.append(f"the server's CRC32 checksum {stored} differs from {sent.crc32}")
+    if problems:
+        raise BackupError(
+            f"upload of {source} to s3://{bucket.name}/{sent.object_key} failed "
+            f"verification: {'; '.join(problems)}"
+        )
+
+
+class StreamingUpload:
+    """A multipart upload fed while the artifact is still being written (pg_dump's output):
+    parts are sent as they fill, at most ``max_concurrency`` in flight (the writer waits:
+    memory stays at about that many parts), each with its CRC32. :meth:`finish` completes
+    the upload and checks S3's size and composite CRC32; :meth:`abort` discards it.
+
+    The object's SHA-256 is not known when the upload starts, so it carries no sha256
+    metadata: its manifest, written afterwards, holds the SHA-256 every download checks.
+    Parts grow as the artifact does (16 MiB, doubling every 1,000 parts), so an artifact of
+    any size fits in S3's 10,000 parts.
+    """
+
+    def __init__(
+        self,
+        bucket: Bucket,
+        object_key: str,
+        put_args: dict[str, Any],
+        part_size: int,
+        max_concurrency: int,
+    ) -> None:
+        self.bucket, self.object_key = bucket, object_key
+        self.part_size = max(part_size, 2 * DEFAULT_PART_SIZE)
+        self.max_concurrency = max(1, max_concurrency)
+        created = bucket.client.create_multipart_upload(
+            Bucket=bucket.name,
+            Key=object_key,
+            ChecksumAlgorithm="CRC32",
+            **{**put_args, "Metadata": {"checksum": "sha256 in the manifest"}},
+        )
+        self.upload_id = str(created["UploadId"])
+        self.size = 0
+        self._buffer = bytearray()
+        self._number = 0
+        self._parts: dict[int, dict[str, Any]] = {}
+        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="s3-stream")
+        self._pending: set[Future[None]] = set()
+
+    def write(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        self.size += len(chunk)
+        while len(self._buffer) >= self.part_size:
+            data = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._submit(data)
+
+    def _submit(self, data: bytes) -> None:
+        self._number += 1
+        number = self._number
+        if number % 1000 == 0:
+            self.part_size = min(self.part_size * 2, MAX_PART_SIZE)
+
+        def send() -> None:
+            self._parts[number] = upload_part(
+                self.bucket, self.object_key, self.upload_id, number, data
+            )
+
+        self._pending.add(self._pool.submit(send))
+        if len(self._pending) >= self.max_concurrency:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
+
+    def finish(self) -> Sent:
+        """Send what is left, complete the upload, check what S3 stored."""
+        if self._buffer or self._number == 0:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+        self._pool.shutdown()
+        parts = [self._parts[n] for n in sorted(self._parts)]
+        self.bucket.client.complete_multipart_upload(
+            Bucket=self.bucket.name,
+            Key=self.object_key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+        sent = Sent(self.object_key, self.size, "", composite_crc32(parts))
+        verify_stored(self.bucket, "the streamed dump", sent, sha256_metadata=False)
+        return sent
+
+    def abort(self) -> None:
+        """Best effort (the server may be gone); cleanup-artifacts aborts what is left."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self.bucket.client.abort_multipart_upload(
+                Bucket=self.bucket.name, Key=self.object_key, UploadId=self.upload_id
+            )
+        with contextlib.suppress(Exception):
+            self.bucket.delete([self.object_key])
 
 
 # -- download -----------------------------------------------------------------------
