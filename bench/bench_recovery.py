@@ -9,7 +9,9 @@ measured in the same run on the same machine (section 8 of DESIGN.md):
   into a new database (same jobs); and ÷ the original script's approach;
 * total ``rollback data`` (safety backup stored) ÷ the original script's approach: plain
   ``pg_dump`` (its safety backup) + ``dropdb`` + ``createdb`` + ``psql -f`` of a plain backup;
-* ``backup create`` ÷ raw ``pg_dump`` with the same format and compression.
+* ``backup create`` ÷ raw ``pg_dump`` with the same format and compression;
+* ``backup create --storage s3://`` (the dump uploaded while pg_dump writes it) ÷ raw
+  ``pg_dump`` then boto3's ``upload_file`` of the file (SeaweedFS on loopback).
 
 Every measurement runs ``--repeat`` times, alternating ours and the raw tool; the best
 of each is compared (the cores are shared with other work: the best is the least disturbed).
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools.postgres import PostgresCluster, debian_bin_dir, embedded_bin_dir  # noqa: E402
+from devtools.s3 import SeaweedServer  # noqa: E402
 from rollback_cli.backups.dump import compress_args  # noqa: E402
 
 MB_PER_SCALE = 15.0  # pgbench -i: about 15 MB of tables and indexes per scale unit
@@ -118,13 +121,36 @@ class Bench:
         seconds, done = timed([*self.cli, "backup", "create", "--label", "bench"], self.env)
         return seconds, json.loads(done.stdout)
 
-    def raw_dump(self, compression: str | None, fmt: str = "custom") -> float:
+    def raw_dump(
+        self, compression: str | None, fmt: str = "custom", *, keep: bool = False
+    ) -> float:
         """pg_dump with the format and compression our backup recorded."""
         argv = [self.tool("pg_dump"), f"--format={fmt}", "-f", str(self.work / "raw.dump")]
         argv += compress_args(compression, self.server.major)
         seconds, _ = timed([*argv, DB], self.env)
-        (self.work / "raw.dump").unlink()
+        if not keep:
+            (self.work / "raw.dump").unlink()
         return seconds
+
+    def ours_backup_s3(self, s3: SeaweedServer, bucket: str) -> float:
+        """backup create to S3: the dump is uploaded while pg_dump writes it."""
+        argv = [*self.cli, "--storage", f"s3://{bucket}/ours", "backup", "create"]
+        seconds, _ = timed(argv, {**self.env, **s3.env()})
+        return seconds
+
+    def raw_dump_then_upload(
+        self, s3: SeaweedServer, bucket: str, compression: str | None
+    ) -> float:
+        """pg_dump to a file, then boto3's upload_file of it: one after the other."""
+        started = time.monotonic()
+        self.raw_dump(compression, keep=True)
+        client = s3.client()
+        try:
+            client.upload_file(str(self.work / "raw.dump"), bucket, f"raw/{time.time_ns()}.dump")
+        finally:
+            client.close()
+            (self.work / "raw.dump").unlink()
+        return time.monotonic() - started
 
     # -- restores ----------------------------------------------------------------------------
 
@@ -228,6 +254,17 @@ def main() -> None:
         compression = _manifest(backups[-1])["compression"]
         ours_b, raw_b = alternate(args.repeat, ours_backup, lambda: bench.raw_dump(compression))
         backup = backups[-1]["backup_file"]
+
+        # backup create to S3 vs pg_dump, then boto3 upload_file (SeaweedFS on loopback).
+        with SeaweedServer(work / "seaweedfs") as s3:
+            client = s3.client()
+            client.create_bucket(Bucket="bench")
+            client.close()
+            ours_s3, raw_s3 = alternate(
+                args.repeat,
+                lambda: bench.ours_backup_s3(s3, "bench"),
+                lambda: bench.raw_dump_then_upload(s3, "bench", compression),
+            )
         plain = work / "backup_plain.sql"
         run([bench.tool("pg_dump"), "--format=plain", "-f", str(plain), DB], bench.env)
 
@@ -273,6 +310,8 @@ def main() -> None:
             "original_script": best(original_s),
             "backup_create": best(ours_b),
             "raw_pg_dump": best(raw_b),
+            "backup_create_s3": best(ours_s3),
+            "raw_pg_dump_then_upload_file": best(raw_s3),
         },
     }
     s = report["seconds"]
@@ -281,6 +320,8 @@ def main() -> None:
         "time_to_recovery/original_script": s["time_to_recovery"] / s["original_script"],
         "rollback_total/original_script": s["rollback_total"] / s["original_script"],
         "backup_create/raw_pg_dump": s["backup_create"] / s["raw_pg_dump"],
+        "backup_create_s3/raw_pg_dump_then_upload_file": s["backup_create_s3"]
+        / s["raw_pg_dump_then_upload_file"],
     }
     report["backup_create_extra_ms"] = round((s["backup_create"] - s["raw_pg_dump"]) * 1000)
     _print_table(report)
@@ -325,6 +366,13 @@ def _print_table(report: dict[str, Any]) -> None:
             s["raw_pg_dump"],
             r["backup_create/raw_pg_dump"],
             "≤ 1.05 (750 MB)",
+        ),
+        (
+            "backup create to S3 ÷ (pg_dump + upload_file)",
+            s["backup_create_s3"],
+            s["raw_pg_dump_then_upload_file"],
+            r["backup_create_s3/raw_pg_dump_then_upload_file"],
+            "≤ 0.75 (750 MB)",
         ),
     ]
     print()
