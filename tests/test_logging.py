@@ -193,12 +193,12 @@ def test_unexpected_error_exits_1_with_a_structured_traceback(
 ) -> None:
     """The one place exceptions become exit codes: anything unknown is exit 1, logged with a
     structured traceback, its message scrubbed of credentials."""
-    import rollback_cli.api
+    import rollback_cli.backups.catalog
 
     def broken(storage: object) -> list[object]:
         raise RuntimeError("listing broke near postgresql://admin:hunter2@db.internal/app")
 
-    monkeypatch.setattr(rollback_cli.api, "list_backups", broken)
+    monkeypatch.setattr(rollback_cli.backups.catalog, "list_backups", broken)
     run = ws.run("--log-format", log_format, "--json", "backup", "list")
     assert run.exit_code == ExitCode.UNEXPECTED, str(run)
     if log_format == "console":
