@@ -27,6 +27,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PG15_INITDB := /usr/lib/postgresql/15/bin/initdb
 PYTEST_ARGS ?=
+# The suite runs in up to 4 worker processes (pytest-xdist), each with its own servers; a
+# test module stays on one worker (the kill matrix sums up its own points).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ "$$n" -gt 4 ] && n=4; echo $$n)
 
 # apt-get install $(1), non-interactively; refresh the package lists and retry once when the
 # first attempt fails (a fresh machine or container usually has none).
@@ -77,7 +80,7 @@ test: suite
 
 # Everything but the image test (GitHub's CI builds the image with Docker in its own jobs).
 suite: lint $(PG15_INITDB)
-	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	scripts/demo.sh
