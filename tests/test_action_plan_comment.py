@@ -151,7 +151,7 @@ def test_the_job_summary_shows_the_rehearsed_downgrade(
     summary = (tmp_path / "summary.md").read_text()
     assert "#### Downgrade (rehearsed on a copy: schema" in summary
     assert "customers.tier (" in summary and "live values" in summary
-    assert "ACCESS EXCLUSIVE on customers" in summary
+    assert "ACCESS EXCLUSIVE on public.customers" in summary
     assert "```sql" in summary and "DROP COLUMN tier" in summary
     assert github.requests == []  # no token: no comment
 

@@ -91,6 +91,7 @@ def test_own_version_table_in_its_own_schema_and_tables_outside_public(
         ("app", "items", "note")
     ]
     assert reverted["rows_at_risk"] == 1
+    assert "ACCESS EXCLUSIVE on app.items" in reverted["locks"], reverted["locks"]
     assert state(project) == before
 
     result, doc = project.run_json("rollback", "schema", "--to-revision", "a1000000c0de")

@@ -65,7 +65,7 @@ def test_the_plan_shows_each_revisions_real_sql_locks_and_rows_at_risk(project: 
     assert any("ADD COLUMN email" in sql for sql in email["executed_sql"]), email
     assert "ADD COLUMN email" in email["sql"]  # the real SQL, not only the offline preview
     assert email["offline_sql"]
-    assert "ACCESS EXCLUSIVE on customers" in email["locks"]
+    assert "ACCESS EXCLUSIVE on public.customers" in email["locks"]
     assert email["rows_at_risk"] == 0
     tier = reverted[REV_TIER]
     assert [(d["table"], d["column"], d["revision"]) for d in tier["dropped"]] == [
@@ -326,6 +326,10 @@ def test_a_downgrade_that_only_prints_offline_shows_what_it_runs_online(
     (reverted,) = doc["reverted"]
     assert not reverted["empty"]
     assert any("UPDATE customers SET email" in sql for sql in reverted["executed_sql"])
+    # The locks as the server reported them, statement by statement.
+    assert {"ACCESS EXCLUSIVE on public.customers", "ROW EXCLUSIVE on public.customers"} <= set(
+        reverted["locks"]
+    ), reverted["locks"]
     assert not any("empty" in w for w in doc["warnings"]), doc["warnings"]
     assert snapshot(project) == before
 

@@ -41,6 +41,32 @@ class ExecutedStatement:
     sql: str
     duration_ms: float
     revision: str | None = None
+    #: the table locks the statement took ("ACCESS EXCLUSIVE on public.orders"), as the
+    #: server reported them (rehearsals only); None when they were not observed
+    locks: list[str] | None = None
+
+
+# The relation locks this session holds, on user relations (what a statement added to them
+# is what it took: locks are held to the end of the transaction).
+HELD_LOCKS = """
+    SELECT l.mode, format('%I.%I', n.nspname, c.relname)
+    FROM pg_locks l
+    JOIN pg_class c ON c.oid = l.relation
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted
+      AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+      AND n.nspname NOT LIKE 'pg\\_%'
+"""
+_MODES = {
+    "AccessShareLock": "ACCESS SHARE",
+    "RowShareLock": "ROW SHARE",
+    "RowExclusiveLock": "ROW EXCLUSIVE",
+    "ShareUpdateExclusiveLock": "SHARE UPDATE EXCLUSIVE",
+    "ShareLock": "SHARE",
+    "ShareRowExclusiveLock": "SHARE ROW EXCLUSIVE",
+    "ExclusiveLock": "EXCLUSIVE",
+    "AccessExclusiveLock": "ACCESS EXCLUSIVE",
+}
 
 
 @dataclass
@@ -162,7 +188,7 @@ def owned_environment(
                 opened.append(connection)
                 get_logger().info("the migration environment's connection redirected to the copy")
             _take(connection, wanted, setup, label)
-            _record(event, connection, owned)
+            _record(event, connection, owned, observe_locks=redirected is not None)
             owned.connections += 1
             kwargs["on_version_apply"] = _attributing(owned, kwargs.get("on_version_apply"))
             table = kwargs.get("version_table") or "alembic_version"
@@ -231,6 +257,19 @@ def _identity_of(connection: Any) -> tuple[str, ...]:
         cursor.close()
 
 
+def _held_locks(conn: Any) -> set[tuple[str, str]] | None:
+    """The relation locks the session holds now (None when they cannot be read)."""
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(HELD_LOCKS)
+            return {(str(mode), str(name)) for mode, name in cursor.fetchall()}
+        finally:
+            cursor.close()
+    except Exception:
+        return None
+
+
 def _take(connection: Any, wanted: tuple[str, ...], setup: list[str], dbname: str) -> None:
     """Prove ``connection`` reaches the target, then set the timeouts, through the driver's
     own cursor (so no SQLAlchemy transaction is started or ended behind env.py's back)."""
@@ -251,17 +290,30 @@ def _take(connection: Any, wanted: tuple[str, ...], setup: list[str], dbname: st
         cursor.close()
 
 
-def _record(event: Any, connection: Any, owned: OwnedEnvironment) -> None:
+def _record(
+    event: Any, connection: Any, owned: OwnedEnvironment, *, observe_locks: bool = False
+) -> None:
+    """Record every statement with its duration; with ``observe_locks`` (a rehearsal, on a
+    copy, through psycopg2) also the table locks each one took, read from pg_locks."""
     started: list[float] = []
+    held: set[tuple[str, str]] = set()
+    observe = observe_locks and connection.dialect.driver == "psycopg2"
 
     def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         started.append(time.monotonic())
 
     def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         began = started.pop() if started else time.monotonic()
-        owned.statements.append(
-            ExecutedStatement(statement.strip(), round((time.monotonic() - began) * 1000, 1))
-        )
+        duration = round((time.monotonic() - began) * 1000, 1)
+        locks = None
+        if observe:
+            now = _held_locks(conn)
+            if now is not None:
+                taken = now - held if held <= now else now  # a new transaction began
+                held.clear()
+                held.update(now)
+                locks = sorted(f"{_MODES.get(mode, mode)} on {name}" for mode, name in taken)
+        owned.statements.append(ExecutedStatement(statement.strip(), duration, locks=locks))
 
     event.listen(connection, "before_cursor_execute", before)
     event.listen(connection, "after_cursor_execute", after)

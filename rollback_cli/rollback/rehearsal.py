@@ -100,7 +100,7 @@ class Rehearsal:
         return {
             "executed_sql": [s["sql"] for s in statements],
             "duration_ms": round(sum(s["duration_ms"] for s in statements), 1),
-            "locks": sorted({s["lock"] for s in statements if s["lock"]}),
+            "locks": sorted({lock for s in statements for lock in s["locks"]}),
             "dropped": [d.to_dict() for d in drops],
             "rows_at_risk": sum(d.live_values for d in drops),
         }
@@ -198,7 +198,9 @@ def _findings(
                 "revision": statement.revision,
                 "sql": statement.sql,
                 "duration_ms": statement.duration_ms,
-                "lock": lock_of(statement.sql),
+                # What the server reported; else (not observed, or released at once in
+                # autocommit) what the statement's text implies.
+                "locks": statement.locks or [lock for lock in [lock_of(statement.sql)] if lock],
             }
         )
     rehearsal.drops = _drops(ctx, before, after)

@@ -105,7 +105,7 @@ def plan_rehearsal(
         return downgrade
     found = rehearse(ctx, downgrade.target, revisions, backup=backup)
     result.rehearsal = found.to_document()
-    locks = sorted({s["lock"] for s in found.statements if s["lock"]})
+    locks = sorted({lock for s in found.statements for lock in s["locks"]})
     copy = {
         "schema": "a copy of the live schema",
         "data": "a copy of the live database (schema and data)",
