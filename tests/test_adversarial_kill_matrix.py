@@ -103,8 +103,8 @@ POINTS = [
     # rollback full from a backup at head down to REV_TIER: the restored copy is
     # downgraded before the swap
     KillPoint("fulldown", STARTED, "restore"),
-    KillPoint("fulldown", STARTED, "downgrade"),
-    KillPoint("fulldown", STARTED, "downgrade", delay=0.02),
+    KillPoint("fulldown", STARTED, "downgrade-copy"),
+    KillPoint("fulldown", STARTED, "downgrade-copy", delay=0.02),
     KillPoint("fulldown", "connections blocked"),
     KillPoint("fulldown", "databases swapped"),
     KillPoint("fulldown", STARTED, "safety-backup"),

@@ -350,3 +350,43 @@ def test_a_downgrade_that_runs_nothing_after_an_upgrade_that_did_is_irreversible
     assert "irreversible" in doc["message"] and REV_DROP_EMAIL in doc["message"]
     assert snapshot(project) == before
     assert sorted(project.databases()) == databases
+
+
+def test_sigterm_while_the_restored_copy_is_downgraded_says_nothing_changed(
+    project: Project, cli_env: dict[str, str]
+) -> None:
+    """A full rollback interrupted while its restored copy is being downgraded: exit 130,
+    the message says the live database is as it was, and it is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    backup = project.backup()
+    replace_downgrade(
+        project.alembic_ini,
+        REV_DROP_EMAIL,
+        'op.execute("SELECT pg_sleep(30)")\n'
+        'op.add_column("customers", sa.Column("email", sa.Text))',
+    )
+    before = snapshot(project)
+    argv = [sys.executable, "-m", "rollback_cli", *project.base_args()]
+    argv += ["rollback", "full", "--to-revision", REV_TIER, "--backup-file", backup]
+    proc = subprocess.Popen(
+        argv, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not any(
+        "pg_sleep" in row[0]
+        for row in project.db.query("SELECT query FROM pg_stat_activity WHERE state = 'active'")
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "before any change" in last and "as it was" in last, last
+    assert snapshot(project) == before

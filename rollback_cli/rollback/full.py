@@ -102,7 +102,7 @@ class FullRollback(DataRollback):
         if self.downgrade is None:
             return
         scratch = self.ctx.target.conninfo.with_dbname(copy)
-        with step("downgrade", to_revision=self.downgrade.target, database=copy):
+        with step("downgrade-copy", to_revision=self.downgrade.target, database=copy):
             try:
                 owned, duration = run_on_copy(self.ctx, scratch, self.downgrade.target)
             except Refused:
