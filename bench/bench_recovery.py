@@ -10,6 +10,8 @@ measured in the same run on the same machine (section 8 of DESIGN.md):
 * total ``rollback data`` (safety backup stored) ÷ the original script's approach: plain
   ``pg_dump`` (its safety backup) + ``dropdb`` + ``createdb`` + ``psql -f`` of a plain backup;
 * ``backup create`` ÷ raw ``pg_dump`` with the same format and compression;
+* during the rollback, the longest gap a client polling every 20 ms sees, and the CLI's
+  peak RSS (VmHWM);
 * ``backup create --storage s3://`` (the dump uploaded while pg_dump writes it) ÷ raw
   ``pg_dump`` then boto3's ``upload_file`` of the file (SeaweedFS on loopback).
 
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools.postgres import PostgresCluster, debian_bin_dir, embedded_bin_dir  # noqa: E402
+from devtools.probe import Probe  # noqa: E402
 from devtools.s3 import SeaweedServer  # noqa: E402
 from rollback_cli.backups.dump import compress_args  # noqa: E402
 
@@ -71,6 +74,9 @@ class Bench:
         self.work = work
         self.jobs = jobs
         self.bin = server.bin_dir
+        #: what the last ``ours_rollback`` measured besides time
+        self.last_gap_ms = 0.0
+        self.last_peak_rss_kb = 0
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DB_ROLLBACK_"))}
         env.pop("DATABASE_URL", None)
         self.env = {**env, **server.conninfo_env(DB)}
@@ -186,10 +192,12 @@ class Bench:
         log_dir = self.work / "logs"
         before = set(log_dir.glob("*.log")) if log_dir.is_dir() else set()
         launched = time.time()
-        total, done = timed(
-            [*self.cli, "rollback", "data", "--backup-file", backup, "--jobs", str(self.jobs)],
-            self.env,
-        )
+        with Probe(self.server.url(DB), "SELECT aid FROM pgbench_accounts LIMIT 1") as probe:
+            total, done, self.last_peak_rss_kb = timed_with_peak_rss(
+                [*self.cli, "rollback", "data", "--backup-file", backup, "--jobs", str(self.jobs)],
+                self.env,
+            )
+        self.last_gap_ms = probe.longest_gap_ms()
         recovered_at = None
         for path in set(log_dir.glob("*.log")) - before:
             for line in path.read_text().splitlines():
@@ -200,6 +208,33 @@ class Bench:
         if recovered_at is None:
             sys.exit("rollback data logged no 'recovered' event")
         return recovered_at - launched, total, json.loads(done.stdout)
+
+
+def timed_with_peak_rss(
+    argv: list[str], env: dict[str, str]
+) -> tuple[float, subprocess.CompletedProcess[str], int]:
+    """Run ``argv``; (seconds, result, the process's peak RSS in KiB: its VmHWM, read from
+    /proc while it runs, the last reading before it exits)."""
+    started = time.monotonic()
+    with subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        peak = 0
+        status = Path(f"/proc/{process.pid}/status")
+        while process.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        stdout, stderr = process.communicate()
+    seconds = time.monotonic() - started
+    done = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(argv[:6])} failed ({done.returncode}): {stderr[-2000:]}")
+    return seconds, done, peak
 
 
 def alternate(repeat: int, *measures: Callable[[], float]) -> list[list[float]]:
@@ -272,6 +307,8 @@ def main() -> None:
         ttr: list[float] = []
         total: list[float] = []
         docs: list[dict[str, Any]] = []
+        gaps: list[float] = []
+        peaks: list[int] = []
 
         def ours_rollback() -> float:
             bench.change_live()
@@ -279,6 +316,8 @@ def main() -> None:
             bench.drop_extra_databases()
             ttr.append(outside_ttr)
             docs.append(doc)
+            gaps.append(bench.last_gap_ms)
+            peaks.append(bench.last_peak_rss_kb)
             total.append(seconds)
             return seconds
 
@@ -324,6 +363,8 @@ def main() -> None:
         / s["raw_pg_dump_then_upload_file"],
     }
     report["backup_create_extra_ms"] = round((s["backup_create"] - s["raw_pg_dump"]) * 1000)
+    report["longest_client_gap_ms"] = round(max(gaps), 1)
+    report["cli_peak_rss_mb"] = round(max(peaks) / 1024, 1)
     _print_table(report)
     line = json.dumps(report, sort_keys=True)
     print(line)
@@ -379,6 +420,10 @@ def _print_table(report: dict[str, Any]) -> None:
     print(f"{'measure':<44} {'ours s':>8} {'raw s':>8} {'ratio':>7}  target")
     for name, ours, raw, ratio, target in rows:
         print(f"{name:<44} {ours:8.2f} {raw:8.2f} {ratio:7.2f}  {target}")
+    print(
+        f"longest gap a polling client saw: {report['longest_client_gap_ms']} ms (target ≤ 100 "
+        f"ms); CLI peak RSS: {report['cli_peak_rss_mb']} MB (target ≤ 150 MB)"
+    )
     print(
         f"backup create extra: {report['backup_create_extra_ms']} ms (target ≤ 150 ms at "
         f"~100 MB); safety backup after recovery: {s['safety_backup']:.2f} s; time to recovery "

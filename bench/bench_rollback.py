@@ -20,18 +20,13 @@ fsync=off, so absolute times are lower than on a durable server.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,50 +38,11 @@ from devtools.postgres import (  # noqa: E402
     debian_bin_dir,
     embedded_bin_dir,
 )
+from devtools.probe import Probe  # noqa: E402
 from devtools.project import EXAMPLE_ALEMBIC_INI, REV_TIER, alembic_upgrade  # noqa: E402
 
-PROBE_INTERVAL = 0.02
-
-
-@dataclass
-class Probe:
-    """Connect and read ``orders`` in a loop; remember when each attempt succeeded."""
-
-    dsn: str
-    successes: list[float] = field(default_factory=list)
-    failures: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Probe:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn = psycopg2.connect(self.dsn, connect_timeout=5)
-                try:
-                    with conn.cursor() as cur:
-                        cur.execute("SELECT id FROM orders LIMIT 1")
-                        cur.fetchall()
-                finally:
-                    conn.close()
-                self.successes.append(time.monotonic())
-            except psycopg2.Error:
-                self.failures += 1
-            time.sleep(PROBE_INTERVAL)
-
-    def longest_gap_ms(self) -> float:
-        times = self.successes
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        return max(gaps, default=0.0) * 1000
+# What the probe reads during the rollback: the table the restore replaces.
+ORDERS = "SELECT id FROM orders LIMIT 1"
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -165,7 +121,7 @@ def main() -> None:
 
         server.execute("DELETE FROM orders WHERE id % 3 = 0", dbname=dbname)
         dsn = server.url(dbname)
-        with Probe(dsn) as swap_probe:
+        with Probe(dsn, ORDERS) as swap_probe:
             time.sleep(0.5)
             ours_s, out = timed(
                 [*cli, "rollback", "data", "--backup-file", backup, "--jobs", str(args.jobs)], env
@@ -176,7 +132,7 @@ def main() -> None:
         swap_gap = swap_probe.longest_gap_ms()
 
         server.execute("DELETE FROM orders WHERE id % 3 = 0", dbname=dbname)
-        with Probe(dsn) as naive_probe:
+        with Probe(dsn, ORDERS) as naive_probe:
             time.sleep(0.5)
             naive_s, _ = timed(
                 [
