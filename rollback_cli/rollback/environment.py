@@ -91,11 +91,10 @@ class OwnedEnvironment:
                 break
             statement.revision = revision
 
-    def by_revision(self) -> dict[str | None, list[ExecutedStatement]]:
-        grouped: dict[str | None, list[ExecutedStatement]] = {}
-        for statement in self.statements:
-            grouped.setdefault(statement.revision, []).append(statement)
-        return grouped
+    def migration_statements(self) -> list[ExecutedStatement]:
+        """The statements the migrations ran, without Alembic's own on the version table."""
+        table = self.version_table.rpartition(".")[2]
+        return [s for s in self.statements if table not in s.sql]
 
 
 @contextlib.contextmanager

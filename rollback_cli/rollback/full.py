@@ -125,12 +125,9 @@ class FullRollback(DataRollback):
                 f"expected {self.downgrade.target}; the live database was not touched "
                 "(database unchanged)"
             )
-        version_table = owned.version_table.rpartition(".")[2]
         for reverted in result.reverted:
             statements = [
-                s
-                for s in owned.statements
-                if s.revision == reverted["revision"] and version_table not in s.sql
+                s for s in owned.migration_statements() if s.revision == reverted["revision"]
             ]
             reverted["executed_sql"] = [s.sql for s in statements]
             reverted["duration_ms"] = round(sum(s.duration_ms for s in statements), 1)

@@ -336,29 +336,18 @@ def steps_to(script: ScriptDirectory, current: list[str], target: str) -> list[R
 
 def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) -> None:
     """Fill each step's offline SQL and flag drops, empty and irreversible downgrades."""
-    from alembic import command
-
     for item in steps:
         buffer = io.StringIO()
-        config.output_buffer = buffer
-        down = item.down_revision or BASE
         try:
-            with database_url_env(url), isolated_from_application():
-                command.downgrade(config, f"{item.revision}:{down}", sql=True)
+            _render_offline(config, "downgrade", item, url, buffer)
         except NotImplementedError as exc:
             item.irreversible = str(exc) or "downgrade raises NotImplementedError"
         except Exception as exc:
             # Offline rendering is a preview, never a verdict: a downgrade that looks at the
             # live connection cannot render offline, and runs fine online.
             item.online_only = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-        finally:
-            config.output_buffer = None
         item.sql = buffer.getvalue()
-        statements = [
-            s
-            for s in _statements(item.sql)
-            if "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
-        ]
+        statements = _migration_statements(item.sql)
         item.empty = not statements and item.irreversible is None and item.online_only is None
         item.drops = sorted({_describe_drop(s) for s in statements if _is_drop(s)})
 
@@ -366,21 +355,38 @@ def render_downgrade_sql(config: Config, steps: list[RevisionStep], url: str) ->
 def upgrade_changes(config: Config, item: RevisionStep, url: str) -> bool | None:
     """Whether the revision's upgrade, rendered offline, runs any statement (None when it
     cannot render offline)."""
+    buffer = io.StringIO()
+    try:
+        _render_offline(config, "upgrade", item, url, buffer)
+    except Exception:
+        return None
+    return bool(_migration_statements(buffer.getvalue()))
+
+
+def _render_offline(
+    config: Config, direction: str, item: RevisionStep, url: str, buffer: io.StringIO
+) -> None:
+    """Alembic's offline SQL (``--sql``) of one revision's upgrade or downgrade, written to
+    ``buffer``; raises what the migration raises."""
     from alembic import command
 
-    buffer = io.StringIO()
+    down = item.down_revision or BASE
+    steps = f"{item.revision}:{down}" if direction == "downgrade" else f"{down}:{item.revision}"
     config.output_buffer = buffer
     try:
         with database_url_env(url), isolated_from_application():
-            command.upgrade(config, f"{item.down_revision or BASE}:{item.revision}", sql=True)
-    except Exception:
-        return None
+            getattr(command, direction)(config, steps, sql=True)
     finally:
         config.output_buffer = None
-    return any(
-        "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
-        for s in _statements(buffer.getvalue())
-    )
+
+
+def _migration_statements(sql: str) -> list[str]:
+    """The statements of offline SQL besides the version table's and the transaction's."""
+    return [
+        s
+        for s in _statements(sql)
+        if "alembic_version" not in s.lower() and not s.upper().startswith(("BEGIN", "COMMIT"))
+    ]
 
 
 def _statements(sql: str) -> list[str]:

@@ -143,9 +143,9 @@ def rehearse(
             schema_copy(admin, ctx.target, revisions, with_data=with_data, backup=backup) as copy,
         ):
             scratch = ctx.target.conninfo.with_dbname(copy)
-            before, objects_before = _columns(scratch), _objects(scratch)
+            before, objects_before = _catalog(scratch)
             owned, duration = run_on_copy(ctx, scratch, target_revision)
-            after, objects_after = _columns(scratch), _objects(scratch)
+            after, objects_after = _catalog(scratch)
             details.update(statements=len(owned.statements), downgrade_ms=duration)
     except Refused:
         raise  # env.py reaches another database: refused as it is (exit 7)
@@ -189,10 +189,7 @@ def _findings(
     after: set[tuple[str, str, str]],
 ) -> Rehearsal:
     rehearsal = Rehearsal(duration, kind, heads_after=owned.heads_after)
-    version_table = owned.version_table.rpartition(".")[2]
-    for statement in owned.statements:
-        if version_table in statement.sql:
-            continue
+    for statement in owned.migration_statements():
         rehearsal.statements.append(
             {
                 "revision": statement.revision,
@@ -261,18 +258,13 @@ def catalog_changes(
     return sorted(changes, key=lambda c: (order.index(str(c["kind"])), str(c["name"])))
 
 
-def _objects(conninfo: Any) -> dict[str, dict[str, str]]:
+def _catalog(
+    conninfo: Any,
+) -> tuple[set[tuple[str, str, str]], dict[str, dict[str, str]]]:
+    """The copy's columns (what drops are counted on) and its objects, on one connection."""
     conn = connect(conninfo)
     try:
-        return schema_objects(conn)
-    finally:
-        conn.close()
-
-
-def _columns(conninfo: Any) -> set[tuple[str, str, str]]:
-    conn = connect(conninfo)
-    try:
-        return user_columns(conn)
+        return user_columns(conn), schema_objects(conn)
     finally:
         conn.close()
 
