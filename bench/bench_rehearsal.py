@@ -30,31 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devtools.data import bulk_orders_sql  # noqa: E402
 from devtools.postgres import (  # noqa: E402
     PostgresCluster,
-    TestDatabase,
     debian_bin_dir,
     embedded_bin_dir,
 )
 from devtools.project import (  # noqa: E402
     EXAMPLE_ALEMBIC_INI,
     REV_TIER,
-    alembic_upgrade,
+    example_database,
     sqlalchemy_url,
 )
-
-
-def prepare(server: PostgresCluster, dbname: str, rows: int) -> int:
-    server.create_database(dbname)
-    db = TestDatabase(name=dbname, server=server)
-    alembic_upgrade(db.url, REV_TIER, EXAMPLE_ALEMBIC_INI)
-    chunk = 500_000
-    for done in range(0, rows, chunk):
-        db.execute(bulk_orders_sql(min(chunk, rows - done)))
-    alembic_upgrade(db.url, "head", EXAMPLE_ALEMBIC_INI)
-    server.execute("VACUUM ANALYZE", dbname=dbname)
-    return int(server.query("SELECT pg_database_size(%s)", (dbname,), dbname=dbname)[0][0])
 
 
 def real_downgrade(server: PostgresCluster, dbname: str) -> float:
@@ -105,7 +91,7 @@ def main() -> None:
     ):
         dbname = "bench"
         print(f"PostgreSQL {server.major}: filling {args.rows:,} orders ...", flush=True)
-        size = prepare(server, dbname, args.rows)
+        size = example_database(server, dbname, args.rows, then_to="head")
         env = {**os.environ, **server.conninfo_env(dbname)}
         for key in [k for k in env if k.startswith(("DATABASE_URL", "DB_ROLLBACK_"))]:
             del env[key]

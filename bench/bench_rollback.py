@@ -31,15 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devtools.data import bulk_orders_sql  # noqa: E402
 from devtools.postgres import (  # noqa: E402
     PostgresCluster,
-    TestDatabase,
     debian_bin_dir,
     embedded_bin_dir,
 )
 from devtools.probe import Probe  # noqa: E402
-from devtools.project import EXAMPLE_ALEMBIC_INI, REV_TIER, alembic_upgrade  # noqa: E402
+from devtools.project import EXAMPLE_ALEMBIC_INI, example_database  # noqa: E402
 
 # What the probe reads during the rollback: the table the restore replaces.
 ORDERS = "SELECT id FROM orders LIMIT 1"
@@ -52,17 +50,6 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     if done.returncode != 0:
         sys.exit(f"{argv[0]} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     return elapsed, done.stdout
-
-
-def prepare(server: PostgresCluster, dbname: str, rows: int) -> int:
-    server.create_database(dbname)
-    db = TestDatabase(name=dbname, server=server)
-    alembic_upgrade(db.url, REV_TIER, EXAMPLE_ALEMBIC_INI)
-    chunk = 500_000
-    for done in range(0, rows, chunk):
-        db.execute(bulk_orders_sql(min(chunk, rows - done)))
-    server.execute("VACUUM ANALYZE", dbname=dbname)
-    return int(server.query("SELECT pg_database_size(%s)", (dbname,), dbname=dbname)[0][0])
 
 
 def main() -> None:
@@ -82,7 +69,7 @@ def main() -> None:
         work = Path(tmp)
         dbname = "bench"
         print(f"PostgreSQL {server.major}: filling {args.rows:,} orders ...", flush=True)
-        size = prepare(server, dbname, args.rows)
+        size = example_database(server, dbname, args.rows)
         print(f"database size: {size / 2**20:.0f} MB")
         if size < 200 * 2**20:
             print("warning: below 200 MB; raise --rows")

@@ -7,6 +7,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from devtools.data import bulk_orders_sql
+from devtools.postgres import PostgresCluster, TestDatabase
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_ALEMBIC_INI = EXAMPLES_DIR / "alembic.ini"
 
@@ -27,3 +30,20 @@ def alembic_upgrade(url: str, revision: str, alembic_ini: Path = EXAMPLE_ALEMBIC
     config.attributes["configure_logger"] = False
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     command.upgrade(config, revision)
+
+
+def example_database(
+    server: PostgresCluster, dbname: str, rows: int, *, then_to: str | None = None
+) -> int:
+    """A new database ``dbname`` of the example project at the tier revision with ``rows``
+    generated orders (upgraded on to ``then_to`` when given), vacuumed; its size in bytes."""
+    server.create_database(dbname)
+    db = TestDatabase(name=dbname, server=server)
+    alembic_upgrade(db.url, REV_TIER, EXAMPLE_ALEMBIC_INI)
+    chunk = 500_000
+    for done in range(0, rows, chunk):
+        db.execute(bulk_orders_sql(min(chunk, rows - done)))
+    if then_to is not None:
+        alembic_upgrade(db.url, then_to, EXAMPLE_ALEMBIC_INI)
+    server.execute("VACUUM ANALYZE", dbname=dbname)
+    return int(server.query("SELECT pg_database_size(%s)", (dbname,), dbname=dbname)[0][0])
