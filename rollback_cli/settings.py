@@ -7,6 +7,7 @@ passfile. ``ConnInfo`` never shows its password in ``repr`` or ``str``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -42,6 +43,18 @@ class ConnInfo:
     @property
     def display_host(self) -> str:
         return self.host or "local socket"
+
+    @property
+    def same_machine(self) -> bool:
+        """Whether the server runs on this machine (a socket, localhost or a loopback
+        address): then its sessions share this machine's cores with the client tools."""
+        host = self.host or ""
+        if not host or host.startswith("/") or host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     def redacted_url(self) -> str:
         """The URL with the password replaced, safe to log."""

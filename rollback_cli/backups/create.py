@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from rollback_cli import __version__
 from rollback_cli.backups.dump import (
     BackupRequest,
+    DumpCancel,
     ProgressCallback,
     RowCounter,
     compress_args,
@@ -118,6 +119,7 @@ def create_backup(
     keep_local: bool = False,
     progress: ProgressCallback | None = None,
     signing: SigningKeys | None = None,
+    cancel: DumpCancel | None = None,
 ) -> BackupResult:
     """Dump ``target`` and store it in ``storage`` with its manifest (signed with the active
     key of ``signing`` when one is configured).
@@ -133,7 +135,13 @@ def create_backup(
     # Cleanup removes this run's temp files at once if it dies, never while it runs.
     with writing_in(staging):
         return _create_backup(
-            target, storage, request, keep_local=keep_local, progress=progress, signing=signing
+            target,
+            storage,
+            request,
+            keep_local=keep_local,
+            progress=progress,
+            signing=signing,
+            cancel=cancel,
         )
 
 
@@ -153,6 +161,7 @@ def _create_backup(
     keep_local: bool,
     progress: ProgressCallback | None,
     signing: SigningKeys | None,
+    cancel: DumpCancel | None = None,
 ) -> BackupResult:
     log = get_logger()
     # What is dumped: the target's database, or the one holding its previous state.
@@ -163,7 +172,11 @@ def _create_backup(
     )
     with step("connect"):
         snap_conn = connect(source, autocommit=False)
-    counter = RowCounter(snap_conn) if request.backup_type != "schema" else None
+    counter = (
+        RowCounter(snap_conn, same_machine=source.same_machine)
+        if request.backup_type != "schema"
+        else None
+    )
     try:
         server_version = server_version_text(snap_conn)
         tools = find_client(server_major(snap_conn), target.pg_bin_dir)
@@ -212,6 +225,7 @@ def _create_backup(
                 temp_path,
                 progress,
                 stream.write if stream is not None else None,
+                cancel,
             )
         except BaseException:
             if stream is not None:
@@ -312,6 +326,7 @@ def _dump(
     temp_path: Path,
     progress: ProgressCallback | None,
     tee: Callable[[bytes], None] | None = None,
+    cancel: DumpCancel | None = None,
 ) -> _Dumped:
     """pg_dump into ``temp_path`` (and ``tee``) while ``counter`` counts the rows in the
     same snapshot."""
@@ -320,7 +335,7 @@ def _dump(
     ) as details:
         try:
             sha256, size, archive_version = run_pg_dump(
-                tools, request, snapshot, source, temp_path, counter, progress, tee
+                tools, request, snapshot, source, temp_path, counter, progress, tee, cancel
             )
         except BaseException:
             remove_path(temp_path)

@@ -69,6 +69,20 @@ def restore_options(func: F) -> F:
         is_flag=True,
         help="Allow restoring a backup taken in another environment.",
     )(func)
+    func = click.option(
+        "--safety-backup-timing",
+        type=click.Choice(["auto", "after-swap", "during-restore"]),
+        default="auto",
+        show_default=True,
+        help=(
+            "When the swap strategy dumps its safety backup. after-swap: the kept database, "
+            "once the restored copy is live and validated (the shortest time to recovery). "
+            "during-restore: the live database, beside the restore, stored before the swap "
+            "(the shortest total; it shares the cores with the restore). auto: "
+            "during-restore for a server on this machine with 4 cores or more, else "
+            "after-swap."
+        ),
+    )(func)
     return click.option(
         "--jobs",
         "-j",
@@ -96,6 +110,7 @@ def _options(api: Any, opts: dict[str, Any], strategy: str = "swap") -> Any:
         no_rehearsal=opts.get("no_rehearsal", False),
         rehearse_with_data=opts.get("rehearse_with_data", False),
         accept_data_loss=opts.get("accept_data_loss", False),
+        safety_timing=opts.get("safety_backup_timing", "auto"),
     )
 
 

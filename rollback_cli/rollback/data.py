@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate
+from rollback_cli.backups.dump import DumpCancel, machine_cores
 from rollback_cli.backups.manifest import Manifest
 from rollback_cli.backups.scratch import (
     compare_on,
@@ -16,8 +20,14 @@ from rollback_cli.backups.scratch import (
 )
 from rollback_cli.backups.verify import VerifiedBackup, prepared_backup
 from rollback_cli.checks import Check
-from rollback_cli.errors import BackupError, ManualAttention, Refused
-from rollback_cli.log import step
+from rollback_cli.errors import (
+    BackupError,
+    ManualAttention,
+    OperationFailed,
+    Refused,
+    RollbackError,
+)
+from rollback_cli.log import get_logger, set_progress_sink, step
 from rollback_cli.postgres import registry
 from rollback_cli.postgres.catalog import (
     DatabaseLevelState,
@@ -39,6 +49,7 @@ from rollback_cli.rollback.lifecycle import (
     check_safety_storage,
     plan_safety_backup,
     plan_validation,
+    safety_timing,
     take_safety_backup,
 )
 
@@ -72,6 +83,8 @@ class DataRollback(Procedure):
         super().__init__(ctx)
         self.backup_ref = backup_ref
         self._backup: VerifiedBackup | None = None
+        #: when a swap takes its safety backup (decided by plan())
+        self.safety_timing = "after-swap"
 
     @property
     def backup(self) -> VerifiedBackup:
@@ -115,6 +128,16 @@ class DataRollback(Procedure):
             warning = SUPERUSER_UNSIGNED
             result.warnings.append(warning)
             result.plan_step("warning", warning)
+        if swap:
+            self.safety_timing = safety_timing(ctx.options, ctx.target.conninfo, machine_cores())
+        if swap and self.safety_timing == "during-restore":
+            check_safety_storage(ctx)
+            plan_safety_backup(
+                ctx,
+                result,
+                f"during the restore: full backup of {db} (its state when the rollback "
+                "starts; the kept database holds later writes too), stored before the swap",
+            )
         if ctx.options.strategy == "swap":
             scratch = derived_name(db, SCRATCH_MARK)
             tool = "psql" if manifest.format == "plain" else "pg_restore"
@@ -150,7 +173,7 @@ class DataRollback(Procedure):
             )
         if validate:
             plan_validation(ctx, result, "manifest row counts")
-        if swap:
+        if swap and self.safety_timing == "after-swap":
             # After validation, under the lock: the kept database is the first safety copy.
             check_safety_storage(ctx)
             plan_safety_backup(
@@ -164,7 +187,13 @@ class DataRollback(Procedure):
         if self.ctx.options.strategy == "in-place":
             restore_in_place(self.ctx, self.backup, result)
         else:
-            swap_in_restored_copy(self.ctx, self.backup, result, self.before_swap)
+            swap_in_restored_copy(
+                self.ctx,
+                self.backup,
+                result,
+                self.before_swap,
+                safety_during_restore=self.safety_timing == "during-restore",
+            )
 
     def before_swap(self, copy: str, result: RollbackResult) -> None:
         """A last change to the restored copy ``copy``, checked, before it is swapped in
@@ -279,8 +308,11 @@ def swap_in_restored_copy(
     backup: VerifiedBackup,
     result: RollbackResult,
     before_swap: Callable[[str, RollbackResult], None] | None = None,
+    *,
+    safety_during_restore: bool = False,
 ) -> None:
-    """Restore into a scratch database, check it against the manifest, swap it in."""
+    """Restore into a scratch database, check it against the manifest, swap it in; with
+    ``safety_during_restore`` the live database's safety backup is dumped meanwhile."""
     db = ctx.inspection.dbname
     admin = maintenance_connection(ctx.target.conninfo)
     try:
@@ -293,7 +325,13 @@ def swap_in_restored_copy(
             admin, db, registry.busy_record(admin, db, current_run_id(), state.comment, scratch)
         )
         try:
-            _restore_and_swap(ctx, backup, result, admin, state, scratch, before_swap)
+            with ExitStack() as stack:
+                beside = (
+                    stack.enter_context(SafetyBesideRestore(ctx, result))
+                    if safety_during_restore and not ctx.options.no_safety_backup
+                    else None
+                )
+                _restore_and_swap(ctx, backup, result, admin, state, scratch, before_swap, beside)
         finally:
             if database_oid(admin, db) == original_oid:  # not swapped: still the original
                 set_comment(admin, db, state.comment)
@@ -309,6 +347,7 @@ def _restore_and_swap(
     state: DatabaseLevelState,
     scratch: str,
     before_swap: Callable[[str, RollbackResult], None] | None = None,
+    beside: SafetyBesideRestore | None = None,
 ) -> None:
     db = ctx.inspection.dbname
     with restored_copy(
@@ -342,6 +381,9 @@ def _restore_and_swap(
         )
         if before_swap is not None:
             before_swap(copy.name, result)
+        if beside is not None:
+            # The swap ends every session of the live database, the dump's too.
+            beside.wait()
         swap = Swap(db, copy.name, free_derived_name(admin, db, PRE_MARK))
         with step("swap") as details:
             result.unavailable_ms = swap_databases(
@@ -350,6 +392,67 @@ def _restore_and_swap(
             details.update(unavailable_ms=round(result.unavailable_ms, 1), kept_as=swap.kept_name)
         copy.keep()
     result.kept_database = swap.kept_name
+
+
+class SafetyBesideRestore:
+    """The live database's safety backup, dumped in a thread of its own while the backup
+    is restored into the scratch copy (``--safety-backup-timing during-restore``): it holds
+    the state at the start of the rollback, and the kept database holds any later write too.
+
+    :meth:`wait` returns once it is stored, and must before the swap (which ends every
+    session of the live database); its failure is raised there, nothing swapped. Leaving
+    the block otherwise (a failure, an interrupt) cancels the dump and waits for its thread
+    a bounded time."""
+
+    #: how long a cancelled dump's thread gets to remove what it wrote
+    STOP_SECONDS = 5.0
+
+    def __init__(self, ctx: RollbackContext, result: RollbackResult) -> None:
+        self.ctx, self.result = ctx, result
+        self.cancel = DumpCancel()
+        self.error: BaseException | None = None
+        self._context = contextvars.copy_context()
+        self._thread = threading.Thread(target=self._run, name="safety-backup", daemon=True)
+
+    def _run(self) -> None:
+        def dump() -> None:
+            set_progress_sink(None)  # the restore has the terminal
+            take_safety_backup(self.ctx, self.result, cancel=self.cancel)
+
+        try:
+            self._context.run(dump)
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> SafetyBesideRestore:
+        self._thread.start()
+        return self
+
+    def wait(self) -> None:
+        if self._thread.is_alive():
+            get_logger().info("waiting for the safety backup", database=self.ctx.inspection.dbname)
+        self._thread.join()
+        error = self.error
+        if error is None:
+            return
+        db = self.ctx.inspection.dbname
+        if isinstance(error, RollbackError):
+            raise OperationFailed(
+                f"the safety backup of {db} failed before the swap: {error.one_line()}; "
+                f"{db} is unchanged",
+                hint=error.hint,
+            ) from None
+        raise error
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._thread.is_alive():
+            self.cancel.cancel()
+            self._thread.join(self.STOP_SECONDS)
 
 
 def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult) -> None:

@@ -9,7 +9,6 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from rollback_cli.errors import UsageError
 from rollback_cli.storage.base import Storage, StoredObject
 from rollback_cli.storage.local import LocalStorage
-from rollback_cli.storage.s3 import S3Storage
 
 if TYPE_CHECKING:
     from rollback_cli.settings import StorageConfig
@@ -17,7 +16,6 @@ if TYPE_CHECKING:
 __all__ = [
     "REMOTE_SCHEMES",
     "LocalStorage",
-    "S3Storage",
     "Storage",
     "StoredObject",
     "open_storage",
@@ -39,6 +37,9 @@ def open_storage(config: StorageConfig, environment: str) -> Storage:
     if parts.scheme == "file":
         return LocalStorage(Path(unquote(parts.path)))
     if parts.scheme == "s3":
+        # Imported for an S3 storage only: a local one needs none of it (start-up time).
+        from rollback_cli.storage.s3 import S3Storage
+
         s3: Storage = S3Storage.from_config(target, config, environment)
         s3.staging = config.backup_dir
         return s3
@@ -61,6 +62,8 @@ def open_uri(config: StorageConfig, environment: str, uri: str) -> tuple[Storage
     prefix, _, key = path.rpartition("/")
     if not key:
         raise UsageError(f"{uri!r} names no backup")
+    from rollback_cli.storage.s3 import S3Storage
+
     storage: Storage = S3Storage.from_config(
         f"s3://{parts.netloc}/{prefix}", config, environment, append_environment=False
     )
