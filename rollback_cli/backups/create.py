@@ -23,6 +23,8 @@ from rollback_cli.backups.dump import (
     ProgressCallback,
     RowCounter,
     compress_args,
+    dump_jobs,
+    dumps_statistics,
     is_lock_timeout,
     lock_timeout_failed,
     pg_dump_argv,
@@ -179,7 +181,8 @@ def _create_backup(
     )
     try:
         server_version = server_version_text(snap_conn)
-        tools = find_client(server_major(snap_conn), target.pg_bin_dir)
+        major = server_major(snap_conn)
+        tools = find_client(major, target.pg_bin_dir)
         log.info(
             "client selected",
             pg_dump=tools.pg_dump,
@@ -189,6 +192,11 @@ def _create_backup(
         # auto picked for this client; what it lacks refused early
         request = replace(request, compress=resolve_compress(request, tools))
         compress_args(request.compress, tools.major)
+        request = replace(
+            request,
+            jobs=dump_jobs(snap_conn, request),
+            statistics=dumps_statistics(request, tools, major),
+        )
         staging = staging_dir(storage)
         ensure_private_dir(staging)
         created = datetime.now(timezone.utc)
@@ -412,7 +420,12 @@ def plan_backup(target: Target, storage: Storage, request: BackupRequest) -> lis
     try:
         major = server_major(conn)
         tools = find_client(major, target.pg_bin_dir)
-        request = replace(request, compress=resolve_compress(request, tools))
+        request = replace(
+            request,
+            compress=resolve_compress(request, tools),
+            jobs=dump_jobs(conn, request),
+            statistics=dumps_statistics(request, tools, major),
+        )
         compress_args(request.compress, tools.major)
         revisions = alembic_revisions(conn)
     finally:

@@ -25,8 +25,8 @@ from typing import IO, TYPE_CHECKING
 
 from rollback_cli.backups.manifest import BACKUP_FORMATS, BACKUP_TYPES
 from rollback_cli.errors import OperationFailed, UsageError
-from rollback_cli.log import redactor
-from rollback_cli.postgres.catalog import table_row_counts
+from rollback_cli.log import get_logger, redactor
+from rollback_cli.postgres.catalog import free_connection_slots, table_row_counts, user_tables
 from rollback_cli.postgres.clients import (
     ClientTools,
     child_environment,
@@ -61,7 +61,9 @@ PROBE_TIMEOUT_SECONDS = 3.0
 class BackupRequest:
     backup_type: str = "full"
     fmt: str = "custom"
-    jobs: int = 1
+    #: pg_dump --jobs (directory format); None: auto (:func:`auto_jobs`) for directory, 1
+    #: for the single-file formats
+    jobs: int | None = None
     compress: str | None = None
     label: str | None = None
     kind: str | None = None  # "safety" for backups taken by a rollback
@@ -70,6 +72,9 @@ class BackupRequest:
     #: dump this database of the target's server instead of the target's own, recorded as
     #: a backup of the target (the database a swap kept holds the target's previous state)
     source_database: str | None = None
+    #: dump the planner statistics too (``--statistics``: pg_dump 18+, a server 18+, full
+    #: backups), so a restored copy plans queries well from its first one, no ANALYZE
+    statistics: bool = False
 
     def check(self) -> None:
         if self.lock_timeout_ms < 0:
@@ -78,9 +83,9 @@ class BackupRequest:
             raise UsageError(f"unknown backup type {self.backup_type!r}: use full, schema or data")
         if self.fmt not in BACKUP_FORMATS:
             raise UsageError(f"unknown format {self.fmt!r}: use custom, plain or directory")
-        if self.jobs < 1:
+        if self.jobs is not None and self.jobs < 1:
             raise UsageError("--jobs must be at least 1")
-        if self.jobs > 1 and self.fmt != "directory":
+        if self.jobs is not None and self.jobs > 1 and self.fmt != "directory":
             raise UsageError(
                 "--jobs > 1 needs --format directory (pg_dump dumps in parallel only then)"
             )
@@ -213,11 +218,13 @@ def pg_dump_argv(
     elif request.backup_type == "data":
         argv.append("--data-only")
     argv += compress_args(request.compress, tools.major)
+    if request.statistics:
+        argv.append("--statistics")
     if request.lock_timeout_ms:
         argv.append(f"--lock-wait-timeout={request.lock_timeout_ms}ms")
     if request.fmt == "directory":
         assert output is not None
-        argv += [f"--jobs={request.jobs}", f"--file={output}"]
+        argv += [f"--jobs={request.jobs or 1}", f"--file={output}"]
     return argv
 
 
@@ -275,6 +282,55 @@ def machine_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+#: the most parallel jobs ``auto`` picks: one restore or dump rarely gains beyond this,
+#: and each job is a server connection
+MAX_AUTO_JOBS = 8
+
+
+def auto_jobs(tables: int, cores: int | None = None) -> int:
+    """Parallel pg_dump/pg_restore jobs for ``tables`` tables (those holding rows, for a
+    restore): one per core of this machine, no more than the tables, at most
+    :data:`MAX_AUTO_JOBS`; the caller bounds it by the server's free connection slots."""
+    if cores is None:
+        cores = machine_cores()
+    return max(1, min(cores, tables, MAX_AUTO_JOBS))
+
+
+def bounded_jobs(conn: PgConnection, jobs: int, tool: str) -> int:
+    """``jobs``, but never more connections than the server has free (half of them: the
+    rest stays for the application and for us): --jobs 500 must not lock everyone out."""
+    if jobs <= 1:
+        return jobs
+    bound = max(1, free_connection_slots(conn) // 2)
+    if jobs > bound:
+        get_logger().warning(f"parallel {tool} jobs capped", asked=jobs, jobs=bound)
+        return bound
+    return jobs
+
+
+#: the first pg_dump and server that dump and restore planner statistics
+STATISTICS_MAJOR = 18
+
+
+def dumps_statistics(request: BackupRequest, tools: ClientTools, server_major: int) -> bool:
+    """Whether a backup carries the planner statistics: full backups when pg_dump and the
+    server are both 18+ (older servers could not restore them)."""
+    return (
+        request.backup_type == "full"
+        and tools.major >= STATISTICS_MAJOR
+        and server_major >= STATISTICS_MAJOR
+    )
+
+
+def dump_jobs(conn: PgConnection, request: BackupRequest) -> int:
+    """pg_dump's --jobs for ``request``: 1 for the single-file formats; for a directory
+    dump the jobs asked for, or :func:`auto_jobs` for its tables; within free slots."""
+    if request.fmt != "directory":
+        return 1
+    jobs = request.jobs if request.jobs is not None else auto_jobs(len(user_tables(conn)))
+    return bounded_jobs(conn, jobs, "dump")
 
 
 def counting_workers(cores: int) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rollback_cli.backups.dump import bounded_jobs
 from rollback_cli.errors import OperationFailed
 from rollback_cli.log import get_logger, redactor, step
 from rollback_cli.postgres import registry
@@ -23,7 +24,6 @@ from rollback_cli.postgres.catalog import (
     alembic_revisions,
     database_exists,
     database_properties,
-    free_connection_slots,
     is_member_of,
     read_database_state,
     role_privileges,
@@ -117,7 +117,7 @@ def restored_copy(
     like = database_properties(admin, target.dbname) if live_exists else None
     roles = restore_roles(admin, target, like)
     superuser, acting_role = roles.superuser, roles.acting_role
-    jobs = _bounded_jobs(admin, jobs)
+    jobs = bounded_jobs(admin, jobs, "restore")
     scratch = name or free_derived_name(admin, target.dbname, MARKS[kind])
     copy: ScratchCopy | None = None
     try:
@@ -146,18 +146,6 @@ def restored_copy(
     finally:
         if copy is None or not copy.kept:
             _drop_quietly(admin, scratch)
-
-
-def _bounded_jobs(admin: PgConnection, jobs: int) -> int:
-    """``jobs``, but never more connections than the server has free (keeping a few for
-    the application and for us): --jobs 500 must not lock everyone out of the cluster."""
-    if jobs <= 1:
-        return jobs
-    bound = max(1, free_connection_slots(admin) // 2)
-    if jobs > bound:
-        get_logger().warning("parallel restore jobs capped", asked=jobs, jobs=bound)
-        return bound
-    return jobs
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from rollback_cli.cli import render
-from rollback_cli.cli.options import App, parsed, pass_app, run_flags
+from rollback_cli.cli.options import JOBS, App, parsed, pass_app, run_flags
 from rollback_cli.cli.runner import execute
 from rollback_cli.errors import ConfigError
 from rollback_cli.settings import parse_duration, parse_timeout_ms
@@ -37,10 +37,12 @@ def backup() -> None:
 @click.option(
     "--jobs",
     "-j",
-    type=click.IntRange(min=1),
-    default=1,
+    type=JOBS,
+    default="auto",
     show_default=True,
-    help="Parallel dump jobs (directory format only).",
+    help="Parallel pg_dump jobs (directory format only). auto: one per core, at most one "
+    "per table and 8, within the server's free connection slots; 1 for the single-file "
+    "formats.",
 )
 @click.option(
     "--compress",
@@ -63,7 +65,7 @@ def backup_create(
     app: App,
     backup_type: str,
     fmt: str,
-    jobs: int,
+    jobs: int | None,
     compress: str | None,
     label: str | None,
     lock_timeout: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -91,3 +91,30 @@ def parsed(parse: Callable[[str], Any], text: str, param_hint: str) -> Any:
         return parse(text)
     except UsageError as exc:
         raise click.BadParameter(exc.message, param_hint=param_hint) from None
+
+
+if TYPE_CHECKING:  # generic from click 8.5 on; plain at run time before
+    _JobsBase = click.ParamType[int | None]
+else:
+    _JobsBase = click.ParamType
+
+
+class JobsParam(_JobsBase):
+    """``auto`` (None: chosen from cores, tables and free connection slots) or N >= 1."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            if value is not None and value < 1:
+                self.fail(f"{value} is not at least 1", param, ctx)
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return None
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        return self.fail(f"{value!r} is neither auto nor a whole number of at least 1", param, ctx)
+
+
+JOBS = JobsParam()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from rollback_cli.cli import render
-from rollback_cli.cli.options import App, F, pass_app, run_flags
+from rollback_cli.cli.options import JOBS, App, F, pass_app, run_flags
 from rollback_cli.cli.runner import execute
 from rollback_cli.settings import parse_timeout_ms
 
@@ -86,10 +86,11 @@ def restore_options(func: F) -> F:
     return click.option(
         "--jobs",
         "-j",
-        type=click.IntRange(min=1),
-        default=2,
+        type=JOBS,
+        default="auto",
         show_default=True,
-        help="Parallel pg_restore jobs (swap strategy).",
+        help="Parallel pg_restore jobs (swap strategy). auto: one per core, at most one per "
+        "table holding rows and 8; always within the server's free connection slots.",
     )(func)
 
 
@@ -98,7 +99,7 @@ def _options(api: Any, opts: dict[str, Any], strategy: str = "swap") -> Any:
     a bad timeout is a usage error with the documented exit code)."""
     return api.RollbackOptions(
         strategy=strategy,
-        jobs=opts.get("jobs", 2),
+        jobs=opts.get("jobs"),
         allow_cross_environment=opts.get("allow_cross_environment", False),
         allow_other_database=opts.get("allow_other_database", False),
         no_safety_backup=opts["no_safety_backup"],

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from rollback_cli.backups.catalog import locate
-from rollback_cli.backups.dump import DumpCancel, machine_cores
+from rollback_cli.backups.dump import DumpCancel, auto_jobs, machine_cores
 from rollback_cli.backups.manifest import Manifest
 from rollback_cli.backups.scratch import (
     compare_on,
@@ -83,8 +83,9 @@ class DataRollback(Procedure):
         super().__init__(ctx)
         self.backup_ref = backup_ref
         self._backup: VerifiedBackup | None = None
-        #: when a swap takes its safety backup (decided by plan())
+        #: when a swap takes its safety backup, and its pg_restore --jobs (by plan())
         self.safety_timing = "after-swap"
+        self.jobs = 1
 
     @property
     def backup(self) -> VerifiedBackup:
@@ -130,6 +131,8 @@ class DataRollback(Procedure):
             result.plan_step("warning", warning)
         if swap:
             self.safety_timing = safety_timing(ctx.options, ctx.target.conninfo, machine_cores())
+            holding_rows = sum(1 for rows in manifest.row_counts.values() if rows)
+            self.jobs = ctx.options.jobs or auto_jobs(holding_rows)
         if swap and self.safety_timing == "during-restore":
             check_safety_storage(ctx)
             plan_safety_backup(
@@ -144,7 +147,7 @@ class DataRollback(Procedure):
             result.plan_step(
                 "restore",
                 f"CREATE DATABASE {scratch} like {db}; restore with "
-                f"{tool} -j {ctx.options.jobs}{owner_note}",
+                f"{tool} -j {self.jobs}{owner_note}",
             )
             result.plan_step(
                 "validate-scratch",
@@ -193,6 +196,7 @@ class DataRollback(Procedure):
                 result,
                 self.before_swap,
                 safety_during_restore=self.safety_timing == "during-restore",
+                jobs=self.jobs,
             )
 
     def before_swap(self, copy: str, result: RollbackResult) -> None:
@@ -310,6 +314,7 @@ def swap_in_restored_copy(
     before_swap: Callable[[str, RollbackResult], None] | None = None,
     *,
     safety_during_restore: bool = False,
+    jobs: int = 1,
 ) -> None:
     """Restore into a scratch database, check it against the manifest, swap it in; with
     ``safety_during_restore`` the live database's safety backup is dumped meanwhile."""
@@ -331,7 +336,9 @@ def swap_in_restored_copy(
                     if safety_during_restore and not ctx.options.no_safety_backup
                     else None
                 )
-                _restore_and_swap(ctx, backup, result, admin, state, scratch, before_swap, beside)
+                _restore_and_swap(
+                    ctx, backup, result, admin, state, scratch, before_swap, beside, jobs
+                )
         finally:
             if database_oid(admin, db) == original_oid:  # not swapped: still the original
                 set_comment(admin, db, state.comment)
@@ -348,6 +355,7 @@ def _restore_and_swap(
     scratch: str,
     before_swap: Callable[[str, RollbackResult], None] | None = None,
     beside: SafetyBesideRestore | None = None,
+    jobs: int = 1,
 ) -> None:
     db = ctx.inspection.dbname
     with restored_copy(
@@ -357,7 +365,7 @@ def _restore_and_swap(
         backup.local,
         backup.manifest,
         registry.SCRATCH,
-        jobs=ctx.options.jobs,
+        jobs=jobs,
         state=state,
         name=scratch,
     ) as copy:

@@ -75,7 +75,9 @@ DURING_RESTORE_MIN_CORES = 4
 @dataclass(frozen=True)
 class RollbackOptions:
     strategy: str = "swap"
-    jobs: int = 2
+    #: pg_restore --jobs of a swap; None: auto (one per core, at most one per table
+    #: holding rows and 8), always within the server's free connection slots
+    jobs: int | None = None
     allow_cross_environment: bool = False
     allow_other_database: bool = False
     no_safety_backup: bool = False
