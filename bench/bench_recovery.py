@@ -10,6 +10,9 @@ measured in the same run on the same machine (section 8 of DESIGN.md):
 * total ``rollback data`` (safety backup stored) ÷ the original script's approach: plain
   ``pg_dump`` (its safety backup) + ``dropdb`` + ``createdb`` + ``psql -f`` of a plain backup;
 * ``backup create`` ÷ raw ``pg_dump`` with the same format and compression;
+* the rollback with each timing of its safety backup (``after-swap``, ``during-restore``);
+  the ratios above are those of the timing ``auto`` picks on this machine, the other's
+  printed beside them;
 * during the rollback, the longest gap a client polling every 20 ms sees, and the CLI's
   peak RSS (VmHWM);
 * ``backup create --storage s3://`` (the dump uploaded while pg_dump writes it) ÷ raw
@@ -21,6 +24,10 @@ The table goes to stdout, then one JSON line (``--json-out FILE`` writes it to a
 
     .venv/bin/python bench/bench_recovery.py                 # ~100 MB
     BENCH_SIZE_MB=750 .venv/bin/python bench/bench_recovery.py --repeat 1
+    .venv/bin/python bench/bench_recovery.py --sizes 100,750,3000 --repeat 1   # growth
+
+The CLI runs from .venv-bench (the package with its runtime dependencies only, as users
+install it; ``make bench`` creates it), else from this interpreter.
 
 The test server runs with fsync=off: absolute times are lower than on a durable server.
 """
@@ -46,9 +53,19 @@ from devtools.postgres import PostgresCluster, debian_bin_dir, embedded_bin_dir 
 from devtools.probe import Probe  # noqa: E402
 from devtools.s3 import SeaweedServer  # noqa: E402
 from rollback_cli.backups.dump import compress_args  # noqa: E402
+from rollback_cli.rollback.lifecycle import DURING_RESTORE_MIN_CORES  # noqa: E402
 
 MB_PER_SCALE = 15.0  # pgbench -i: about 15 MB of tables and indexes per scale unit
 DB = "bench"
+#: The CLI as users install it: a virtualenv with the runtime dependencies only (``make
+#: bench`` creates .venv-bench); the dev virtualenv also holds rich (an import-linter
+#: dependency), which structlog imports when present: +60 ms per start measured here.
+RUNTIME_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+CLI_PYTHON = Path(
+    os.environ.get("BENCH_CLI_PYTHON")
+    or (RUNTIME_PYTHON if RUNTIME_PYTHON.exists() else sys.executable)
+)
+TIMINGS = ("after-swap", "during-restore")
 
 
 def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -81,7 +98,7 @@ class Bench:
         env.pop("DATABASE_URL", None)
         self.env = {**env, **server.conninfo_env(DB)}
         self.cli = [
-            sys.executable,
+            str(CLI_PYTHON),
             "-m",
             "rollback_cli",
             "--database-url",
@@ -184,7 +201,9 @@ class Bench:
         safety.unlink()
         return seconds
 
-    def ours_rollback(self, backup: str) -> tuple[float, float, dict[str, Any]]:
+    def ours_rollback(
+        self, backup: str, timing: str = "auto"
+    ) -> tuple[float, float, dict[str, Any]]:
         """``rollback data``: (time to recovery seen from outside, total, its document).
 
         Time to recovery runs from this process starting the CLI to the timestamp of the
@@ -194,7 +213,17 @@ class Bench:
         launched = time.time()
         with Probe(self.server.url(DB), "SELECT aid FROM pgbench_accounts LIMIT 1") as probe:
             total, done, self.last_peak_rss_kb = timed_with_peak_rss(
-                [*self.cli, "rollback", "data", "--backup-file", backup, "--jobs", str(self.jobs)],
+                [
+                    *self.cli,
+                    "rollback",
+                    "data",
+                    "--backup-file",
+                    backup,
+                    "--jobs",
+                    str(self.jobs),
+                    "--safety-backup-timing",
+                    timing,
+                ],
                 self.env,
             )
         self.last_gap_ms = probe.longest_gap_ms()
@@ -253,6 +282,12 @@ def main() -> None:
         default=float(os.environ.get("BENCH_SIZE_MB", "100")),
         help="database size to generate (default 100, or BENCH_SIZE_MB)",
     )
+    parser.add_argument(
+        "--sizes",
+        default=os.environ.get("BENCH_SIZES"),
+        help="several sizes in MB, e.g. 100,750,3000 (or BENCH_SIZES): each measured, then "
+        "the growth (seconds per GB, longest client gap, peak RSS at every size)",
+    )
     parser.add_argument("--major", type=int, choices=(15, 18), default=15)
     parser.add_argument("--jobs", type=int, default=2, help="pg_restore jobs, ours and bare")
     parser.add_argument("--repeat", type=int, default=2)
@@ -262,6 +297,17 @@ def main() -> None:
     bin_dir = debian_bin_dir(15) if args.major == 15 else embedded_bin_dir()
     if bin_dir is None:
         sys.exit(f"no PostgreSQL {args.major} server binaries here")
+    sizes = [float(x) for x in args.sizes.split(",")] if args.sizes else [args.size_mb]
+    reports = [measure(bin_dir, size, args) for size in sizes]
+    document: dict[str, Any] = reports[0] if len(reports) == 1 else _growth(reports)
+    line = json.dumps(document, sort_keys=True)
+    print(line)
+    if args.json_out:
+        args.json_out.write_text(line + "\n", encoding="utf-8")
+
+
+def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str, Any]:
+    """Every measurement at one size; its table printed, its report returned."""
     cores = len(os.sched_getaffinity(0))
     load_before = os.getloadavg()[0]
     with (
@@ -270,10 +316,11 @@ def main() -> None:
     ):
         work = Path(tmp)
         bench = Bench(server, work, args.jobs)
-        scale, size = bench.fill(args.size_mb)
+        scale, size = bench.fill(size_mb)
         print(
             f"PostgreSQL {server.major}, pgbench scale {scale}: {size / 2**20:.0f} MB; "
-            f"{cores} cores (shared with other work: load average {load_before:.2f} at start)",
+            f"{cores} cores (shared with other work: load average {load_before:.2f} at start); "
+            f"CLI run by {CLI_PYTHON}",
             flush=True,
         )
 
@@ -303,34 +350,38 @@ def main() -> None:
         plain = work / "backup_plain.sql"
         run([bench.tool("pg_dump"), "--format=plain", "-f", str(plain), DB], bench.env)
 
-        # Rollbacks: each one starts from a changed live database.
-        ttr: list[float] = []
-        total: list[float] = []
-        docs: list[dict[str, Any]] = []
-        gaps: list[float] = []
-        peaks: list[int] = []
+        # Rollbacks, each timing of the safety backup: each starts from a changed database.
+        runs: dict[str, dict[str, list[Any]]] = {
+            t: {"ttr": [], "total": [], "docs": [], "gaps": [], "peaks": []} for t in TIMINGS
+        }
 
-        def ours_rollback() -> float:
+        def ours_rollback(timing: str) -> float:
             bench.change_live()
-            outside_ttr, seconds, doc = bench.ours_rollback(backup)
+            outside_ttr, seconds, doc = bench.ours_rollback(backup, timing)
             bench.drop_extra_databases()
-            ttr.append(outside_ttr)
-            docs.append(doc)
-            gaps.append(bench.last_gap_ms)
-            peaks.append(bench.last_peak_rss_kb)
-            total.append(seconds)
+            seen = runs[timing]
+            seen["ttr"].append(outside_ttr)
+            seen["docs"].append(doc)
+            seen["gaps"].append(bench.last_gap_ms)
+            seen["peaks"].append(bench.last_peak_rss_kb)
+            seen["total"].append(seconds)
             return seconds
 
         def original() -> float:
             bench.change_live()
             return bench.original_script(plain)
 
-        bare, _, original_s = alternate(
-            args.repeat, lambda: bench.bare_restore(backup), ours_rollback, original
+        bare, _, _, original_s = alternate(
+            args.repeat,
+            lambda: bench.bare_restore(backup),
+            lambda: ours_rollback("after-swap"),
+            lambda: ours_rollback("during-restore"),
+            original,
         )
         load_after = os.getloadavg()[0]
 
-    report = {
+    auto = "during-restore" if cores >= DURING_RESTORE_MIN_CORES else "after-swap"
+    report: dict[str, Any] = {
         "postgres_major": server.major,
         "database_mb": round(size / 2**20),
         "pgbench_scale": scale,
@@ -340,11 +391,9 @@ def main() -> None:
         "repeat": args.repeat,
         "jobs": args.jobs,
         "compression": compression,
+        "cli_python": str(CLI_PYTHON),
+        "safety_backup_timing_auto": auto,
         "seconds": {
-            "time_to_recovery": best(ttr),
-            "time_to_recovery_reported": min(d["time_to_recovery_ms"] for d in docs) / 1000,
-            "rollback_total": best(total),
-            "safety_backup": min(d["safety_backup_ms"] for d in docs) / 1000,
             "bare_pg_restore": best(bare),
             "original_script": best(original_s),
             "backup_create": best(ours_b),
@@ -352,24 +401,78 @@ def main() -> None:
             "backup_create_s3": best(ours_s3),
             "raw_pg_dump_then_upload_file": best(raw_s3),
         },
+        "timings": {},
     }
     s = report["seconds"]
+    for timing, seen in runs.items():
+        docs = seen["docs"]
+        report["timings"][timing] = {
+            "time_to_recovery": best(seen["ttr"]),
+            "time_to_recovery_reported": min(d["time_to_recovery_ms"] for d in docs) / 1000,
+            "rollback_total": best(seen["total"]),
+            "safety_backup": min(d["safety_backup_ms"] for d in docs) / 1000,
+            "time_to_recovery/bare_pg_restore": best(seen["ttr"]) / s["bare_pg_restore"],
+            "time_to_recovery/original_script": best(seen["ttr"]) / s["original_script"],
+            "rollback_total/original_script": best(seen["total"]) / s["original_script"],
+            "longest_client_gap_ms": round(max(seen["gaps"]), 1),
+            "cli_peak_rss_mb": round(max(seen["peaks"]) / 1024, 1),
+        }
+    chosen = report["timings"][auto]
     report["ratios"] = {
-        "time_to_recovery/bare_pg_restore": s["time_to_recovery"] / s["bare_pg_restore"],
-        "time_to_recovery/original_script": s["time_to_recovery"] / s["original_script"],
-        "rollback_total/original_script": s["rollback_total"] / s["original_script"],
+        "time_to_recovery/bare_pg_restore": chosen["time_to_recovery/bare_pg_restore"],
+        "time_to_recovery/original_script": chosen["time_to_recovery/original_script"],
+        "rollback_total/original_script": chosen["rollback_total/original_script"],
         "backup_create/raw_pg_dump": s["backup_create"] / s["raw_pg_dump"],
         "backup_create_s3/raw_pg_dump_then_upload_file": s["backup_create_s3"]
         / s["raw_pg_dump_then_upload_file"],
     }
     report["backup_create_extra_ms"] = round((s["backup_create"] - s["raw_pg_dump"]) * 1000)
-    report["longest_client_gap_ms"] = round(max(gaps), 1)
-    report["cli_peak_rss_mb"] = round(max(peaks) / 1024, 1)
+    report["longest_client_gap_ms"] = max(
+        t["longest_client_gap_ms"] for t in report["timings"].values()
+    )
+    report["cli_peak_rss_mb"] = max(t["cli_peak_rss_mb"] for t in report["timings"].values())
     _print_table(report)
-    line = json.dumps(report, sort_keys=True)
-    print(line)
-    if args.json_out:
-        args.json_out.write_text(line + "\n", encoding="utf-8")
+    return report
+
+
+def _growth(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds per GB between the smallest and the largest size (the slope), the ratios at
+    every size, the longest client gap and the peak RSS at every size."""
+    small, large = reports[0], reports[-1]
+    gigabytes = (large["database_mb"] - small["database_mb"]) / 1024
+
+    def slope(get: Any) -> float:
+        return round((get(large) - get(small)) / gigabytes, 3) if gigabytes else 0.0
+
+    auto = small["safety_backup_timing_auto"]
+    growth = {
+        "sizes_mb": [r["database_mb"] for r in reports],
+        "cores": small["cores"],
+        "seconds_per_gb": {
+            "backup_create": slope(lambda r: r["seconds"]["backup_create"]),
+            "raw_pg_dump": slope(lambda r: r["seconds"]["raw_pg_dump"]),
+            "time_to_recovery": slope(lambda r: r["timings"][auto]["time_to_recovery"]),
+            "bare_pg_restore": slope(lambda r: r["seconds"]["bare_pg_restore"]),
+            "rollback_total": slope(lambda r: r["timings"][auto]["rollback_total"]),
+            "original_script": slope(lambda r: r["seconds"]["original_script"]),
+        },
+        "longest_client_gap_ms": [r["longest_client_gap_ms"] for r in reports],
+        "cli_peak_rss_mb": [r["cli_peak_rss_mb"] for r in reports],
+        "reports": reports,
+    }
+    print("growth, seconds per GB from the smallest to the largest size (ours vs raw):")
+    per_gb = growth["seconds_per_gb"]
+    for ours, raw in (
+        ("backup_create", "raw_pg_dump"),
+        ("time_to_recovery", "bare_pg_restore"),
+        ("rollback_total", "original_script"),
+    ):
+        print(f"  {ours:<18} {per_gb[ours]:7.3f} s/GB   {raw:<16} {per_gb[raw]:7.3f} s/GB")
+    print(
+        f"  longest client gap (ms) per size: {growth['longest_client_gap_ms']} (target ≤ 100)"
+        f"; CLI peak RSS (MB) per size: {growth['cli_peak_rss_mb']} (target ≤ 150)"
+    )
+    return growth
 
 
 def _manifest(doc: dict[str, Any]) -> dict[str, Any]:
@@ -379,6 +482,9 @@ def _manifest(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _print_table(report: dict[str, Any]) -> None:
     s, r = report["seconds"], report["ratios"]
+    auto = report["safety_backup_timing_auto"]
+    chosen = report["timings"][auto]
+    s = {**s, **chosen}
     rows = [
         (
             "time to recovery ÷ bare pg_restore",
@@ -416,7 +522,27 @@ def _print_table(report: dict[str, Any]) -> None:
             "≤ 0.75 (750 MB)",
         ),
     ]
+    for timing, t in report["timings"].items():
+        if timing == auto:
+            continue
+        rows += [
+            (
+                f"  {timing}: time to recovery ÷ bare",
+                t["time_to_recovery"],
+                s["bare_pg_restore"],
+                t["time_to_recovery/bare_pg_restore"],
+                "(not auto here)",
+            ),
+            (
+                f"  {timing}: total ÷ original script",
+                t["rollback_total"],
+                s["original_script"],
+                t["rollback_total/original_script"],
+                "(not auto here)",
+            ),
+        ]
     print()
+    print(f"safety backup timing auto picks here: {auto}")
     print(f"{'measure':<44} {'ours s':>8} {'raw s':>8} {'ratio':>7}  target")
     for name, ours, raw, ratio, target in rows:
         print(f"{name:<44} {ours:8.2f} {raw:8.2f} {ratio:7.2f}  {target}")
