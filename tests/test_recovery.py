@@ -5,6 +5,8 @@ The kept database holds the pre-rollback state whole, so it is the first safety 
 dump is the safety backup of the live database (same name and environment in the
 manifest), taken once the restored copy is swapped in and validated. A dump that fails
 then loses nothing: the command exits 6 naming the kept database, which stays intact.
+These tests pin ``--safety-backup-timing after-swap`` (``auto`` may pick during-restore on a
+machine with 4 cores or more); during-restore is tested in tests/test_safety_timing.py.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def test_swap_rollback_is_live_and_validated_before_its_safety_backup(
     backup = project.backup()
     changed = _after_deploy(project)
 
-    result, doc = project.run_json("rollback", "data", "--backup-file", backup)
+    result, doc = project.run_json(
+        "rollback", "data", "--backup-file", backup, "--safety-backup-timing", "after-swap"
+    )
 
     assert result.exit_code == 0, result.stderr
     assert project.data_fingerprint() == restored
@@ -94,7 +98,9 @@ def test_the_safety_backup_of_a_swap_is_a_restorable_backup_of_the_live_database
     backup = project.backup()
     changed = _after_deploy(project)
 
-    result, doc = project.run_json("rollback", "data", "--backup-file", backup)
+    result, doc = project.run_json(
+        "rollback", "data", "--backup-file", backup, "--safety-backup-timing", "after-swap"
+    )
     assert result.exit_code == 0, result.stderr
     kept = doc["kept_database"]
     safety = Path(doc["backup_file"])
@@ -229,7 +235,16 @@ def test_a_safety_dump_failing_after_the_swap_exits_6_and_keeps_the_old_database
     try:
         returncode, doc, events = _run_pausing_at(
             project,
-            ["rollback", "data", "--backup-file", backup, "--lock-timeout", "300ms"],
+            [
+                "rollback",
+                "data",
+                "--backup-file",
+                backup,
+                "--lock-timeout",
+                "300ms",
+                "--safety-backup-timing",
+                "after-swap",
+            ],
             cli_env,
             "databases swapped",
             hold_a_table,
@@ -286,7 +301,7 @@ def test_an_interrupted_safety_backup_says_the_rollback_is_done(
 
     returncode, doc, events = _run_pausing_at(
         project,
-        ["rollback", "data", "--backup-file", backup],
+        ["rollback", "data", "--backup-file", backup, "--safety-backup-timing", "after-swap"],
         cli_env,
         "step started",
         lambda event, pid: os.kill(pid, signal.SIGINT),  # delivered when it continues

@@ -461,6 +461,10 @@ class SafetyBesideRestore:
         if self._thread.is_alive():
             self.cancel.cancel()
             self._thread.join(self.STOP_SECONDS)
+        stored = self.result.safety_backup
+        if exc is not None and stored is not None and not self._thread.is_alive():
+            # Stored before the failure: a whole backup of the unchanged database, kept.
+            get_logger().warning("safety backup kept", backup=stored.key, uri=stored.uri)
 
 
 def restore_in_place(ctx: RollbackContext, backup: VerifiedBackup, result: RollbackResult) -> None:
