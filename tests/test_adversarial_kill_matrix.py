@@ -77,6 +77,15 @@ POINTS = [
     KillPoint("data", STARTED, "safety-backup"),
     KillPoint("data", STARTED, "dump", delay=0.02),
     KillPoint("data", STARTED, "store"),
+    # rollback data --safety-backup-timing during-restore: the live database dumped beside
+    # the restore, stored before the swap
+    KillPoint("beside", STARTED, "safety-backup"),
+    KillPoint("beside", STARTED, "dump", delay=0.02),
+    KillPoint("beside", "restoring"),
+    KillPoint("beside", STARTED, "store"),
+    KillPoint("beside", STARTED, "validate-scratch"),
+    KillPoint("beside", STARTED, "swap"),
+    KillPoint("beside", "databases swapped"),
     # rollback data --strategy in-place
     KillPoint("inplace", "lock acquired"),
     KillPoint("inplace", STARTED, "stop-writers"),
@@ -171,6 +180,11 @@ class Scenario:
     states: list[DbState]  # the acceptable states of the live database: old, new
 
 
+#: the points of the swap scenarios are those of a safety backup after the swap, whatever
+#: ``auto`` picks on the machine running the tests
+AFTER_SWAP = ["--safety-backup-timing", "after-swap"]
+
+
 def _scenario(
     kind: str, db: TestDatabase, alembic_ini: Path, tmp_path: Path, schema_new: DbState
 ) -> Scenario:
@@ -191,7 +205,7 @@ def _scenario(
         _after_deploy(project)
         old = capture_state(project, "old (head, changed)")
         args = ["rollback", "full", "--to-revision", REV_TIER, "--backup-file", backup, "--yes"]
-        return Scenario(project, args, [old, downgraded])
+        return Scenario(project, [*args, *AFTER_SWAP], [old, downgraded])
     backup = project.backup()
     restored = capture_state(project, "new (backup)")
     _after_deploy(project)
@@ -199,7 +213,7 @@ def _scenario(
         project.upgrade(REV_DROP_EMAIL)
         old = capture_state(project, "old (head, changed)")
         args = ["rollback", "full", "--to-revision", REV_TIER, "--backup-file", backup, "--yes"]
-        return Scenario(project, args, [old, restored])
+        return Scenario(project, [*args, *AFTER_SWAP], [old, restored])
     changed = capture_state(project, "changed")
     if kind == "undo":
         result = project.run("rollback", "data", "--backup-file", backup, "--yes")
@@ -216,6 +230,10 @@ def _scenario(
     args = ["rollback", "data", "--backup-file", backup, "--yes"]
     if kind == "inplace":
         args += ["--strategy", "in-place"]
+    elif kind == "beside":
+        args += ["--safety-backup-timing", "during-restore"]
+    else:
+        args += AFTER_SWAP
     return Scenario(
         project,
         args,
