@@ -94,6 +94,9 @@ class Bench:
         self.bin = server.bin_dir
         #: what the last ``ours_rollback`` measured besides time
         self.last_gap_ms = 0.0
+        self.last_swap_gap_ms = 0.0
+        #: the longest gap of a polling client during each bare pg_restore
+        self.bare_gaps_ms: list[float] = []
         self.last_peak_rss_kb = 0
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DB_ROLLBACK_"))}
         env.pop("DATABASE_URL", None)
@@ -179,11 +182,18 @@ class Bench:
     # -- restores ----------------------------------------------------------------------------
 
     def bare_restore(self, backup: str) -> float:
-        """createdb + pg_restore -j N of the same backup into a new database."""
-        started = time.monotonic()
-        run([self.tool("createdb"), "bench_bare"], self.env)
-        run([self.tool("pg_restore"), f"--jobs={self.jobs}", "-d", "bench_bare", backup], self.env)
-        seconds = time.monotonic() - started
+        """createdb + pg_restore -j N of the same backup into a new database. A client
+        polls the live database meanwhile: the gaps the machine's load alone causes (no
+        swap), the baseline of the gaps measured during ours."""
+        with Probe(self.server.url(DB), "SELECT aid FROM pgbench_accounts LIMIT 1") as probe:
+            started = time.monotonic()
+            run([self.tool("createdb"), "bench_bare"], self.env)
+            run(
+                [self.tool("pg_restore"), f"--jobs={self.jobs}", "-d", "bench_bare", backup],
+                self.env,
+            )
+            seconds = time.monotonic() - started
+        self.bare_gaps_ms.append(probe.longest_gap_ms())
         self.server.drop_database("bench_bare")
         return seconds
 
@@ -229,15 +239,40 @@ class Bench:
             )
         self.last_gap_ms = probe.longest_gap_ms()
         recovered_at = None
+        seen: dict[tuple[str, str], float] = {}  # (step, event) -> seconds after launch
         for path in set(log_dir.glob("*.log")) - before:
             for line in path.read_text().splitlines():
                 event = json.loads(line)
+                stamp = event["timestamp"].replace("Z", "+00:00")
+                at = datetime.fromisoformat(stamp).timestamp() - launched
+                seen.setdefault((event.get("step", ""), event.get("event", "")), at)
                 if event.get("event") == "recovered":
-                    stamp = event["timestamp"].replace("Z", "+00:00")
-                    recovered_at = datetime.fromisoformat(stamp).timestamp()
+                    recovered_at = at
         if recovered_at is None:
             sys.exit("rollback data logged no 'recovered' event")
-        return recovered_at - launched, total, json.loads(done.stdout)
+        doc = json.loads(done.stdout)
+        doc["phases_ms"] = _phases(seen, recovered_at)
+        # What a client saw of the swap itself, apart from slow answers under load.
+        blocked = seen.get(("swap", "connections blocked"))
+        self.last_swap_gap_ms = probe.gap_spanning_ms(launched + blocked) if blocked else 0.0
+        return recovered_at, total, doc
+
+
+def _phases(seen: dict[tuple[str, str], float], recovered: float) -> dict[str, int]:
+    """Where the time to recovery went, from the CLI's log: start-up (process start to its
+    first event), the checks before the restore, the restore step (CREATE DATABASE and
+    pg_restore), the restored copy's validation, and the swap with the final validation."""
+    started = seen.get(("main", "command started"), 0.0)
+    restore_from = seen.get(("restore", "step started"), started)
+    restore_to = seen.get(("restore", "step finished"), restore_from)
+    validated = seen.get(("validate-scratch", "step finished"), restore_to)
+    return {
+        "start_up": round(started * 1000),
+        "checks_before_restore": round((restore_from - started) * 1000),
+        "restore": round((restore_to - restore_from) * 1000),
+        "validate_scratch": round((validated - restore_to) * 1000),
+        "swap_and_validation": round((recovered - validated) * 1000),
+    }
 
 
 def timed_with_peak_rss(
@@ -357,7 +392,8 @@ def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str
 
         # Rollbacks, each timing of the safety backup: each starts from a changed database.
         runs: dict[str, dict[str, list[Any]]] = {
-            t: {"ttr": [], "total": [], "docs": [], "gaps": [], "peaks": []} for t in TIMINGS
+            t: {"ttr": [], "total": [], "docs": [], "gaps": [], "swap_gaps": [], "peaks": []}
+            for t in TIMINGS
         }
 
         def ours_rollback(timing: str) -> float:
@@ -368,6 +404,7 @@ def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str
             seen["ttr"].append(outside_ttr)
             seen["docs"].append(doc)
             seen["gaps"].append(bench.last_gap_ms)
+            seen["swap_gaps"].append(bench.last_swap_gap_ms)
             seen["peaks"].append(bench.last_peak_rss_kb)
             seen["total"].append(seconds)
             return seconds
@@ -411,7 +448,9 @@ def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str
     s = report["seconds"]
     for timing, seen in runs.items():
         docs = seen["docs"]
+        fastest = docs[seen["ttr"].index(best(seen["ttr"]))]
         report["timings"][timing] = {
+            "phases_ms": fastest["phases_ms"],
             "time_to_recovery": best(seen["ttr"]),
             "time_to_recovery_reported": min(d["time_to_recovery_ms"] for d in docs) / 1000,
             "rollback_total": best(seen["total"]),
@@ -420,6 +459,7 @@ def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str
             "time_to_recovery/original_script": best(seen["ttr"]) / s["original_script"],
             "rollback_total/original_script": best(seen["total"]) / s["original_script"],
             "longest_client_gap_ms": round(max(seen["gaps"]), 1),
+            "longest_gap_at_the_swap_ms": round(max(seen["swap_gaps"]), 1),
             "cli_peak_rss_mb": round(max(seen["peaks"]) / 1024, 1),
         }
     chosen = report["timings"][auto]
@@ -436,6 +476,7 @@ def measure(bin_dir: Path, size_mb: float, args: argparse.Namespace) -> dict[str
         t["longest_client_gap_ms"] for t in report["timings"].values()
     )
     report["cli_peak_rss_mb"] = max(t["cli_peak_rss_mb"] for t in report["timings"].values())
+    report["longest_client_gap_during_bare_pg_restore_ms"] = round(max(bench.bare_gaps_ms), 1)
     _print_table(report)
     return report
 
@@ -561,6 +602,14 @@ def _print_table(report: dict[str, Any]) -> None:
         "reported by the CLI (from its start, after imports): "
         f"{s['time_to_recovery_reported']:.2f} s"
     )
+    for timing, t in report["timings"].items():
+        phases = ", ".join(f"{k.replace('_', ' ')} {v} ms" for k, v in t["phases_ms"].items())
+        print(f"time to recovery ({timing}, fastest run): {phases}")
+        print(
+            f"  {timing}: longest client gap {t['longest_client_gap_ms']} ms, at the swap "
+            f"{t['longest_gap_at_the_swap_ms']} ms (during a bare pg_restore, no swap: "
+            f"{report['longest_client_gap_during_bare_pg_restore_ms']} ms)"
+        )
     print(
         f"{report['database_mb']} MB, PostgreSQL {report['postgres_major']}, "
         f"{report['cores']} cores shared with other work (load average "

@@ -1,8 +1,9 @@
 """A client that keeps reading the database while something happens to it.
 
 ``Probe`` opens a new connection and runs one query every 20 ms in a thread, and remembers
-when each attempt succeeded: the longest gap between two successes is what an application
-would see as unavailability. Used by the benchmarks.
+when each attempt succeeded (wall clock, to compare with log timestamps): the longest gap
+between two successes is what an application would see as unavailability (or, on a
+saturated machine, as latency). Used by the benchmarks.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class Probe:
                         cur.fetchall()
                 finally:
                     conn.close()
-                self.successes.append(time.monotonic())
+                self.successes.append(time.time())
             except psycopg2.Error:
                 self.failures += 1
             time.sleep(PROBE_INTERVAL)
@@ -56,3 +57,11 @@ class Probe:
     def longest_gap_ms(self) -> float:
         gaps = [b - a for a, b in itertools.pairwise(self.successes)]
         return max(gaps, default=0.0) * 1000
+
+    def gap_spanning_ms(self, moment: float) -> float:
+        """The gap between the successes around ``moment`` (a ``time.time()``): what a
+        client saw of the event logged then."""
+        for before, after in itertools.pairwise(self.successes):
+            if before <= moment <= after:
+                return (after - before) * 1000
+        return 0.0
