@@ -16,7 +16,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -405,8 +406,18 @@ class _Counter:
         self.stopped = True
 
 
-def _sleeper() -> subprocess.Popen[bytes]:
-    return subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
+@contextmanager
+def _sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process standing in for pg_dump; killed at the end if still running."""
+    process = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 def _ends_within(process: subprocess.Popen[bytes], seconds: float) -> bool:
@@ -423,36 +434,24 @@ def test_a_dump_cancelled_before_it_started_is_stopped_when_it_starts() -> None:
     cancel = DumpCancel()
     cancel.cancel()
     assert cancel.cancelled
-    process, counter = _sleeper(), _Counter()
-    try:
+    counter = _Counter()
+    with _sleeper() as process:
         started = time.monotonic()
         cancel.attach(process, cast(RowCounter, counter))
         assert _ends_within(process, 5)
         assert time.monotonic() - started < 5
         assert process.returncode == -signal.SIGTERM
         assert counter.stopped
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
 
 
 def test_a_running_dump_is_stopped_by_cancel() -> None:
     """attach() alone leaves the process running; cancel() from another thread ends it."""
     cancel = DumpCancel()
-    process, counter = _sleeper(), _Counter()
-    try:
+    counter = _Counter()
+    with _sleeper() as process:
         cancel.attach(process, cast(RowCounter, counter))
         assert not _ends_within(process, 0.3)
         assert not counter.stopped
         cancel.cancel()
         assert _ends_within(process, 5)
         assert counter.stopped
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
