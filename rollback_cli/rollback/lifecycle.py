@@ -67,8 +67,8 @@ STRATEGIES = ("swap", "in-place")
 #: idle); ``auto`` picks per machine (:func:`safety_timing`)
 SAFETY_TIMINGS = ("auto", "after-swap", "during-restore")
 #: ``auto`` dumps during the restore from this many cores on (a server on this machine):
-#: measured at 755 MB on 2 cores, a dump beside ``pg_restore -j2`` cut the total by a
-#: quarter but lengthened the restore by 3-11%, and time to recovery comes first
+#: measured at 755 MB on 2 cores, a dump beside ``pg_restore -j2`` cut the total by
+#: 12-20% but lengthened the time to recovery by 17-25%, and time to recovery comes first
 DURING_RESTORE_MIN_CORES = 4
 
 
