@@ -455,3 +455,37 @@ def test_a_running_dump_is_stopped_by_cancel() -> None:
         cancel.cancel()
         assert _ends_within(process, 5)
         assert counter.stopped
+
+
+@pytest.mark.parametrize("timing", ["after-swap", "during-restore"])
+def test_a_timing_with_the_in_place_strategy_is_a_usage_error(
+    project15: Project, timing: str
+) -> None:
+    """In place the safety backup is always first (writers stopped): a timing asked for
+    there is refused before anything happens, not silently ignored."""
+    project = project15
+    backup = project.backup()
+    changed = _after_deploy(project)
+    files = project.files()
+
+    result = project.run(
+        "rollback",
+        "data",
+        "--backup-file",
+        backup,
+        "--strategy",
+        "in-place",
+        "--safety-backup-timing",
+        timing,
+    )
+
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "swap strategy" in result.stderr
+    assert project.data_fingerprint() == changed
+    assert project.files() == files
+    assert project.databases() == [project.db.name]
+    # auto is the default and stays accepted in place.
+    auto = project.run(
+        "rollback", "data", "--backup-file", backup, "--strategy", "in-place", "--dry-run"
+    )
+    assert auto.exit_code == 0, auto.stderr

@@ -271,6 +271,16 @@ def rollback_context(
     started = time.monotonic()
     if options.strategy not in STRATEGIES:
         raise UsageError(f"unknown strategy {options.strategy!r}: use swap or in-place")
+    if options.safety_timing not in SAFETY_TIMINGS:
+        raise UsageError(
+            f"unknown safety backup timing {options.safety_timing!r}: use "
+            + ", ".join(SAFETY_TIMINGS)
+        )
+    if options.strategy == "in-place" and options.safety_timing != "auto":
+        raise UsageError(
+            "--safety-backup-timing is for the swap strategy: in place, the safety backup "
+            "is always taken first, once writers are stopped"
+        )
     if options.no_safety_backup and target.is_protected:
         raise Refused(
             f"--no-safety-backup is not allowed in protected environment {target.environment!r}"
