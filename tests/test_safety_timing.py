@@ -34,7 +34,7 @@ from rollback_cli.rollback.lifecycle import (
     safety_timing,
 )
 from rollback_cli.settings import ConnInfo
-from tests.rollback_helpers import Project, tier_project
+from tests.rollback_helpers import REV_DROP_EMAIL, REV_TIER, Project, tier_project
 from tests.servers import TestDatabase
 from tests.test_recovery import _after_deploy, _fingerprint_of, _order, _run_pausing_at
 
@@ -489,3 +489,32 @@ def test_a_timing_with_the_in_place_strategy_is_a_usage_error(
         "rollback", "data", "--backup-file", backup, "--strategy", "in-place", "--dry-run"
     )
     assert auto.exit_code == 0, auto.stderr
+
+
+def test_a_full_rollback_dumps_the_live_database_while_it_restores_and_downgrades(
+    project15: Project,
+) -> None:
+    """rollback full with during-restore: the live database is dumped while the backup is
+    restored and the copy downgraded; the swap waits for the dump; the result is the
+    backup's data at the target revision, and the safety backup the state at the start."""
+    project = project15
+    project.upgrade(REV_DROP_EMAIL)
+    backup = project.backup()
+    changed = _after_deploy(project)
+
+    result, doc = project.run_json(
+        "rollback", "full", "--to-revision", REV_TIER, "--backup-file", backup, "--yes", *DURING
+    )
+
+    assert result.exit_code == 0, result.stderr
+    assert project.revision() == REV_TIER
+    kept = doc["kept_database"]
+    assert _fingerprint_of(project, kept) == changed
+    assert doc["safety_backup_source"] is None
+    manifest = json.loads(Path(f"{doc['backup_file']}.json").read_text())
+    assert manifest["database"] == project.db.name
+    assert manifest["alembic_revisions"] == [REV_DROP_EMAIL]  # the state at the start
+    order = _order(project, "rollback full")
+    assert order.index("downgrade-copy started") < order.index("swap started")
+    assert order.index("safety-backup finished") < order.index("swap started")
+    assert order.count("safety-backup started") == 1
