@@ -11,14 +11,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
+import psycopg2.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from rollback_cli.backups.dump import MAX_AUTO_JOBS, auto_jobs, machine_cores
+from rollback_cli.backups.scratch import parallel_row_counts
 from rollback_cli.errors import ExitCode
+from rollback_cli.postgres.catalog import table_row_counts, user_tables
+from rollback_cli.postgres.connection import connect, lock_timeout
+from rollback_cli.settings import parse_database_url
 from tests.rollback_helpers import Project, log_events, tier_project
 from tests.servers import TestDatabase
 
@@ -159,3 +165,70 @@ def test_a_full_backup_from_postgresql_18_carries_the_planner_statistics(
 def test_a_backup_from_postgresql_15_has_no_statistics(project15: Project) -> None:
     backup = project15.backup()
     assert "STATISTICS DATA" not in _archive_list(project15, backup)
+
+
+def _many_tables(db: TestDatabase) -> None:
+    """Tables of different sizes, a partitioned one, names that need quoting."""
+    db.execute('CREATE SCHEMA "odd ""schema"""')
+    for index in range(12):
+        db.execute(
+            f"CREATE TABLE t{index} AS SELECT g AS id FROM generate_series(1, {index * 1000}) g"
+        )
+    db.execute('CREATE TABLE "odd ""schema"""."Mixed Case" AS SELECT 1 AS x')
+    db.execute("CREATE TABLE parted (id int) PARTITION BY RANGE (id)")
+    db.execute("CREATE TABLE parted_a PARTITION OF parted FOR VALUES FROM (0) TO (500)")
+    db.execute("CREATE TABLE parted_b PARTITION OF parted FOR VALUES FROM (500) TO (1000)")
+    db.execute("INSERT INTO parted SELECT g FROM generate_series(0, 999) g")
+
+
+def test_row_counts_on_several_connections_equal_the_counts_on_one(
+    database15: TestDatabase,
+) -> None:
+    db = database15
+    _many_tables(db)
+    conninfo = parse_database_url(db.url)
+    conn = connect(conninfo)
+    try:
+        one_by_one = table_row_counts(conn)
+        side_by_side = parallel_row_counts(conninfo, db.name, conn)
+        # the largest first; partitioned parents before them (their size is their parts')
+        order = user_tables(conn, largest_first=True)
+    finally:
+        conn.close()
+    assert side_by_side == one_by_one
+    assert side_by_side["public.parted"] == 1000
+    assert side_by_side['odd "schema".Mixed Case'] == 1
+    assert side_by_side["public.t11"] == 11000
+    assert order[0] == ("public", "parted") and order[1] == ("public", "t11")
+
+
+def test_a_count_waiting_for_a_lock_fails_them_all_and_leaves_no_session(
+    database15: TestDatabase,
+) -> None:
+    """A table another session holds: its count reaches the lock timeout; the counts on the
+    other connections are cancelled, their connections closed."""
+    db = database15
+    _many_tables(db)
+    holder = db.server.connect(db.name, autocommit=False)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE t5 IN ACCESS EXCLUSIVE MODE")
+        conninfo = parse_database_url(db.url)
+        with lock_timeout(300):
+            conn = connect(conninfo)
+            try:
+                started = time.monotonic()
+                with pytest.raises(psycopg2.errors.LockNotAvailable):
+                    parallel_row_counts(conninfo, db.name, conn)
+                assert time.monotonic() - started < 5
+            finally:
+                conn.close()
+    finally:
+        holder.rollback()
+        holder.close()
+    left = db.server.query(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (db.name,),
+        dbname="postgres",
+    )
+    assert left[0][0] == 0

@@ -23,21 +23,28 @@ _USER_TABLES = """
     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
       AND n.nspname NOT IN ('pg_catalog', 'information_schema')
       AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'
-    ORDER BY 1, 2
+    ORDER BY {order}
 """
+_BY_NAME = "1, 2"
+#: partitioned parents (their size is their partitions') first, then the largest tables
+_LARGEST_FIRST = "c.relkind = 'p' DESC, pg_table_size(c.oid) DESC, 1, 2"
 
 
-def user_tables(conn: PgConnection) -> list[tuple[str, str]]:
+def user_tables(conn: PgConnection, *, largest_first: bool = False) -> list[tuple[str, str]]:
     """(schema, name) of every ordinary and partitioned user table (partitions excluded:
-    their parent stands for them)."""
+    their parent stands for them), by name or the largest first."""
     with conn.cursor() as cur:
-        cur.execute(_USER_TABLES)
+        cur.execute(_USER_TABLES.format(order=_LARGEST_FIRST if largest_first else _BY_NAME))
         return [(str(schema), str(name)) for schema, name in cur.fetchall()]
 
 
-def table_row_counts(conn: PgConnection) -> dict[str, int]:
-    """Exact row counts of every ordinary and partitioned user table, as seen by ``conn``."""
-    tables = user_tables(conn)
+def table_row_counts(
+    conn: PgConnection, tables: list[tuple[str, str]] | None = None
+) -> dict[str, int]:
+    """Exact row counts of ``tables`` (default: every ordinary and partitioned user table),
+    as seen by ``conn``."""
+    if tables is None:
+        tables = user_tables(conn)
     with conn.cursor() as cur:
         counts: dict[str, int] = {}
         for schema, name in tables:
