@@ -49,6 +49,8 @@ from rollback_cli.storage import Storage, staging_dir
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from psycopg2.extensions import connection as PgConnection
+
     from rollback_cli.settings import ConnInfo, SigningKeys, Target
     from rollback_cli.storage.base import ArtifactStream
 
@@ -147,6 +149,22 @@ def create_backup(
         )
 
 
+def resolved_request(
+    request: BackupRequest, conn: PgConnection, tools: ClientTools, server_major: int
+) -> BackupRequest:
+    """``request`` as this client and server run it: ``auto`` compression picked for the
+    client (a method it lacks refused now, before anything is written), the jobs, and
+    whether the planner statistics come along."""
+    request = replace(
+        request,
+        compress=resolve_compress(request, tools),
+        jobs=dump_jobs(conn, request),
+        statistics=dumps_statistics(request, tools, server_major),
+    )
+    compress_args(request.compress, tools.major)
+    return request
+
+
 def _shown_progress(label: str) -> ProgressCallback | None:
     """The dump's size so far, to the progress sink when one is shown (a terminal)."""
     sink = progress_sink()
@@ -189,14 +207,7 @@ def _create_backup(
             client_version=tools.version,
             server_version=server_version,
         )
-        # auto picked for this client; what it lacks refused early
-        request = replace(request, compress=resolve_compress(request, tools))
-        compress_args(request.compress, tools.major)
-        request = replace(
-            request,
-            jobs=dump_jobs(snap_conn, request),
-            statistics=dumps_statistics(request, tools, major),
-        )
+        request = resolved_request(request, snap_conn, tools, major)
         staging = staging_dir(storage)
         ensure_private_dir(staging)
         created = datetime.now(timezone.utc)
@@ -420,13 +431,7 @@ def plan_backup(target: Target, storage: Storage, request: BackupRequest) -> lis
     try:
         major = server_major(conn)
         tools = find_client(major, target.pg_bin_dir)
-        request = replace(
-            request,
-            compress=resolve_compress(request, tools),
-            jobs=dump_jobs(conn, request),
-            statistics=dumps_statistics(request, tools, major),
-        )
-        compress_args(request.compress, tools.major)
+        request = resolved_request(request, conn, tools, major)
         revisions = alembic_revisions(conn)
     finally:
         conn.close()

@@ -414,22 +414,14 @@ class DumpCancel:
             self._process, self._counter = process, counter
             cancelled = self.cancelled
         if cancelled:  # cancelled before pg_dump started
-            self._stop(process, counter)
+            _stop_dump(process, counter)
 
     def cancel(self) -> None:
         with self._lock:
             self.cancelled = True
             process, counter = self._process, self._counter
         if process is not None:
-            self._stop(process, counter)
-
-    @staticmethod
-    def _stop(process: subprocess.Popen[bytes], counter: RowCounter | None) -> None:
-        try:
-            _end_process(process)
-        finally:
-            if counter is not None:
-                counter.stop()
+            _stop_dump(process, counter)
 
 
 def _stream_dump(
@@ -474,6 +466,15 @@ def archive_version_from_header(header: bytes) -> str | None:
     if len(header) >= 8 and header.startswith(b"PGDMP"):
         return f"{header[5]}.{header[6]}.{header[7]}"
     return None
+
+
+def _stop_dump(process: subprocess.Popen[bytes], counter: RowCounter | None) -> None:
+    """End pg_dump, then the row count running beside it, whatever the first does."""
+    try:
+        _end_process(process)
+    finally:
+        if counter is not None:
+            counter.stop()
 
 
 def _end_process(process: subprocess.Popen[bytes]) -> None:
@@ -579,11 +580,7 @@ def run_pg_dump(
         except BaseException as exc:
             # An interrupt (SIGINT, or SIGTERM via the runner) or a write error: nothing
             # here may wait without bound, or the process outlives the signal.
-            try:
-                _end_process(process)
-            finally:
-                if counter is not None:
-                    counter.stop()
+            _stop_dump(process, counter)
             if isinstance(exc, OSError):
                 if exc.errno == errno.ENOSPC:
                     raise OperationFailed(

@@ -94,7 +94,6 @@ def backup_create(
                 backup_type, fmt, jobs, compress, label, lock_timeout_ms=lock_timeout_ms
             ),
             run=app.run,
-            progress=render.progress_printer(app),
         ),
         render.backup_created,
     )

@@ -34,50 +34,13 @@ def age_text(when: datetime | None, now: float) -> str:
     return f"{int(seconds)}s"
 
 
-def progress_printer(
-    app: App, label: str = "dump", total: int | None = None
-) -> Callable[[int, float], None] | None:
-    """A progress bar on stderr for one long step, fed ``(bytes so far, seconds)``; None
-    (no bar) without a terminal, with --json, or when stderr carries JSON lines.
-
-    The bar is never ended here: the step's own line (``✓ dump (3.1 s)``, written by the
-    console log handler, which clears the line first) takes its place once it finishes."""
-    if app.json_output or app.log_format != "console" or not sys.stderr.isatty():
-        return None
-    state: dict[str, Any] = {"bar": None, "pos": 0}
-
-    def describe(item: tuple[int, float] | None) -> str:
-        if item is None:
-            return ""
-        size, elapsed = item
-        rate = human_size(round(size / elapsed)) + "/s" if elapsed else ""
-        of = f" of {human_size(total)}" if total else ""
-        return f"{human_size(size)}{of} {rate}".rstrip()
-
-    def show(size: int, elapsed: float) -> None:
-        bar = state["bar"]
-        if bar is None:
-            # A total when known (a percentage and an ETA); else a bar that pulses.
-            bar = click.progressbar(
-                iter(()) if total is None else None,
-                length=total,
-                label=f"  {label}",
-                item_show_func=describe,
-                file=sys.stderr,
-                width=24,
-                show_eta=total is not None,
-            )
-            state["bar"] = bar
-        bar.update(max(0, size - state["pos"]), (size, elapsed))
-        state["pos"] = size
-
-    return show
-
-
 def step_progress(app: App) -> Callable[[str, int, int | None, str], None] | None:
-    """A progress bar on stderr per long step that counts items (``restore``: tables of
+    """A progress bar on stderr per long step (the dump's bytes, the restore's tables of
     ``total``), fed ``(label, done, total, unit)``; None without a terminal, with --json,
-    or when stderr carries JSON lines. Like the dump's, the step's own line replaces it."""
+    or when stderr carries JSON lines.
+
+    A bar is never ended here: the step's own line (``✓ dump (3.1 s)``, written by the
+    console log handler, which clears the line first) takes its place once it finishes."""
     if app.json_output or app.log_format != "console" or not sys.stderr.isatty():
         return None
     bars: dict[str, dict[str, Any]] = {}
