@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.rollback_helpers import Project, tier_project
 from tests.servers import (
     PostgresCluster,
     TestDatabase,
@@ -120,3 +121,12 @@ def cli_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         if key.startswith(ENV_PREFIXES):
             monkeypatch.delenv(key, raising=False)
     return dict(os.environ)
+
+
+@pytest.fixture
+def project15(
+    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> Project:
+    """The example project on a fresh PostgreSQL 15 database, at the tier revision (before
+    the bad one), with its own backup and log directories; the environment cleaned."""
+    return tier_project(database15, alembic_project, tmp_path)

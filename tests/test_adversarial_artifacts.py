@@ -23,13 +23,6 @@ from tests.servers import PostgresCluster, TestDatabase
 
 
 @pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
-
-
-@pytest.fixture
 def named_project(
     pg15: PostgresCluster, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Iterator[Callable[..., Project]]:

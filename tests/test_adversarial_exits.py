@@ -11,15 +11,7 @@ from click.testing import CliRunner
 
 from rollback_cli.cli import cli
 from rollback_cli.errors import ExitCode
-from tests.rollback_helpers import Project, log_events, tier_project
-from tests.servers import TestDatabase
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
+from tests.rollback_helpers import Project, log_events
 
 
 @pytest.mark.parametrize("missing", ["pg_restore", "psql"])

@@ -10,17 +10,9 @@ import pytest
 
 from rollback_cli.errors import ExitCode
 from rollback_cli.postgres.script_guard import ScriptGuard, UnsafeScript
-from tests.rollback_helpers import Project, reseal, tier_project
-from tests.servers import TestDatabase
+from tests.rollback_helpers import Project, reseal
 
 TRAILER = b"-- PostgreSQL database dump complete"
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
 
 
 def tamper_plain(backup: Path, payload: bytes) -> None:

@@ -11,21 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg2
 import pytest
 
 from rollback_cli.errors import ExitCode
-from tests.rollback_helpers import Project, tier_project
+from tests.rollback_helpers import Project
 from tests.servers import TestDatabase
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
 
 
 def in_place(project: Project, backup: str, *extra: str) -> tuple[int, dict]:

@@ -10,18 +10,10 @@ from pathlib import Path
 import pytest
 
 from rollback_cli.errors import ExitCode
-from tests.rollback_helpers import Project, tier_project
-from tests.servers import TestDatabase
+from tests.rollback_helpers import Project
 
 KEY = "k3y-for-tests-0123456789abcdef"
 NEW_KEY = "n3w-key-for-tests-fedcba987654"
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
 
 
 def manifest_of(backup: str) -> dict:

@@ -43,13 +43,6 @@ def project(
     return tier_project(database, alembic_project, tmp_path)
 
 
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict[str, str]
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
-
-
 def plant_stray_scratch(db: TestDatabase) -> str:
     """A scratch database with our record, left by a run whose session has ended."""
     stray = derived_name(db.name, SCRATCH_MARK)

@@ -30,13 +30,6 @@ from tests.servers import TestDatabase
 
 
 @pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
-
-
-@pytest.fixture
 def project18(
     database18: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
 ) -> Project:

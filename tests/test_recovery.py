@@ -20,21 +20,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 
 from rollback_cli.cli import cli
 from rollback_cli.errors import ExitCode
 from tests.kill_helpers import cli_argv
-from tests.rollback_helpers import Project, log_events, tier_project
+from tests.rollback_helpers import Project, log_events
 from tests.servers import TestDatabase
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
 
 
 def _after_deploy(project: Project) -> dict[str, str]:

@@ -36,13 +36,6 @@ def project(
     return tier_project(database, alembic_project, tmp_path)
 
 
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
-
-
 # --- full rollback: the deploy-gone-wrong story -------------------------------------------
 
 

@@ -34,19 +34,11 @@ from rollback_cli.rollback.lifecycle import (
     safety_timing,
 )
 from rollback_cli.settings import ConnInfo
-from tests.rollback_helpers import REV_DROP_EMAIL, REV_TIER, Project, tier_project
-from tests.servers import TestDatabase
+from tests.rollback_helpers import REV_DROP_EMAIL, REV_TIER, Project
 from tests.test_recovery import _after_deploy, _fingerprint_of, _order, _run_pausing_at
 
 DURING = ("--safety-backup-timing", "during-restore")
 APP_PREFIX = "db-rollback"
-
-
-@pytest.fixture
-def project15(
-    database15: TestDatabase, alembic_project: Path, tmp_path: Path, cli_env: dict[str, str]
-) -> Project:
-    return tier_project(database15, alembic_project, tmp_path)
 
 
 def _leftovers(project: Project) -> list[str]:
